@@ -1,0 +1,328 @@
+package linkpipe
+
+import (
+	"encoding/binary"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// arrival is one packet seen by a recorder.
+type arrival struct {
+	proto tcpip.NetworkProtocolNumber
+	seq   uint32
+	data  []byte
+	at    time.Time
+}
+
+// recorder is a stack.NetworkDispatcher that records what it receives.
+type recorder struct {
+	mu   sync.Mutex
+	got  []arrival
+	refs []int64
+}
+
+func (r *recorder) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	v := pkt.ToView()
+	data := append([]byte(nil), v.AsSlice()...)
+	v.Release()
+	var seq uint32
+	if len(data) >= 24 {
+		seq = binary.BigEndian.Uint32(data[20:24])
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.got = append(r.got, arrival{proto: proto, seq: seq, data: data, at: time.Now()})
+	r.refs = append(r.refs, pkt.ReadRefs())
+}
+
+func (*recorder) DeliverLinkPacket(tcpip.NetworkProtocolNumber, *stack.PacketBuffer) {}
+
+func (r *recorder) arrivals() []arrival {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]arrival(nil), r.got...)
+}
+
+func (r *recorder) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.got)
+}
+
+// rawPacket builds a packet of size bytes whose first byte carries the IP
+// version and whose bytes 20..23 carry seq. The emulator only looks at the
+// version nibble, so no valid IP header is needed.
+func rawPacket(version byte, seq uint32, size int) []byte {
+	b := make([]byte, size)
+	b[0] = version<<4 | 5
+	binary.BigEndian.PutUint32(b[20:24], seq)
+	return b
+}
+
+// write sends one packet through ep the way a stack does: it owns the
+// PacketBuffer and releases it after WritePackets returns.
+func write(t *testing.T, ep *Endpoint, data []byte) *stack.PacketBuffer {
+	t.Helper()
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(data)})
+	var l stack.PacketBufferList
+	l.PushBack(pkt)
+	n, err := ep.WritePackets(l)
+	require.Nil(t, err)
+	require.Equal(t, 1, n)
+	return pkt
+}
+
+func sendSeq(t *testing.T, ep *Endpoint, from, to uint32, size int) {
+	t.Helper()
+	for s := from; s < to; s++ {
+		write(t, ep, rawPacket(4, s, size)).DecRef()
+	}
+}
+
+// newRecordedLink returns a link whose b side records what a sends.
+func newRecordedLink(t *testing.T, cfg Config) (a, b *Endpoint, rec *recorder) {
+	t.Helper()
+	a, b = New(cfg)
+	t.Cleanup(a.Close)
+	rec = &recorder{}
+	b.Attach(rec)
+	return a, b, rec
+}
+
+func TestDelayAndOrder(t *testing.T) {
+	tests := []struct {
+		name string
+		dir  Direction
+		// minDelay is the least delay any packet may see.
+		minDelay time.Duration
+	}{
+		{name: "ideal", dir: Direction{}},
+		{name: "delay", dir: Direction{Delay: 20 * time.Millisecond}, minDelay: 20 * time.Millisecond},
+		{name: "jitter keeps order", dir: Direction{Delay: 10 * time.Millisecond, Jitter: 8 * time.Millisecond}, minDelay: 2 * time.Millisecond},
+		{name: "rate", dir: Direction{RateBps: 80_000_000, Delay: 5 * time.Millisecond, QueueBytes: 1 << 20}, minDelay: 5 * time.Millisecond},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a, _, rec := newRecordedLink(t, Config{AtoB: tc.dir, Seed: 7})
+			const n = 500
+			start := time.Now()
+			sendSeq(t, a, 0, n, 1000)
+			require.Eventually(t, func() bool { return rec.count() == n }, 5*time.Second, time.Millisecond)
+			got := rec.arrivals()
+			for i, g := range got {
+				require.Equal(t, uint32(i), g.seq, "packet %d out of order", i)
+				require.Equal(t, header.IPv4ProtocolNumber, g.proto)
+			}
+			require.GreaterOrEqual(t, got[0].at.Sub(start), tc.minDelay)
+			st := a.Stats()
+			require.Equal(t, uint64(n), st.Tx.SentPackets)
+			require.Equal(t, uint64(n), st.Tx.DeliveredPackets)
+			require.Equal(t, uint64(n*1000), st.Tx.DeliveredBytes)
+		})
+	}
+}
+
+func TestJitterReorderOption(t *testing.T) {
+	a, _, rec := newRecordedLink(t, Config{
+		AtoB: Direction{Delay: 10 * time.Millisecond, Jitter: 9 * time.Millisecond, Reorder: true},
+		Seed: 1,
+	})
+	const n = 200
+	sendSeq(t, a, 0, n, 100)
+	require.Eventually(t, func() bool { return rec.count() == n }, 5*time.Second, time.Millisecond)
+	seen := make(map[uint32]bool)
+	reordered := 0
+	for i, g := range rec.arrivals() {
+		seen[g.seq] = true
+		if g.seq != uint32(i) {
+			reordered++
+		}
+	}
+	require.Len(t, seen, n)
+	require.Positive(t, reordered, "18 ms of jitter on back-to-back packets must reorder some")
+}
+
+func TestLossIsDeterministic(t *testing.T) {
+	tests := []struct {
+		name string
+		loss float64
+	}{
+		{name: "1%", loss: 0.01},
+		{name: "30%", loss: 0.3},
+		{name: "all", loss: 1},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			const n = 4000
+			var runs [2][]uint32
+			for r := range runs {
+				a, _, rec := newRecordedLink(t, Config{AtoB: Direction{Loss: tc.loss}, Seed: 42})
+				sendSeq(t, a, 0, n, 64)
+				st := a.Stats().Tx
+				require.Eventually(t, func() bool {
+					return uint64(rec.count())+st.DroppedLoss == n
+				}, 5*time.Second, time.Millisecond)
+				for _, g := range rec.arrivals() {
+					runs[r] = append(runs[r], g.seq)
+				}
+			}
+			require.Equal(t, runs[0], runs[1], "same seed must lose the same packets")
+			lost := n - len(runs[0])
+			want := tc.loss * n
+			require.InDelta(t, want, float64(lost), 4*max(1, want*0.05)+10)
+		})
+	}
+}
+
+func TestQueueTailDrop(t *testing.T) {
+	// 8 Mbit/s = 1000 bytes per ms; a 10 kB queue holds 10 packets.
+	a, _, rec := newRecordedLink(t, Config{AtoB: Direction{RateBps: 8_000_000, QueueBytes: 10_000}})
+	start := time.Now()
+	sendSeq(t, a, 0, 100, 1000)
+	st := a.Stats().Tx
+	require.Equal(t, uint64(100), st.SentPackets)
+	require.InDelta(t, 89, float64(st.DroppedQueue), 1)
+	accepted := 100 - int(st.DroppedQueue)
+	require.Eventually(t, func() bool { return rec.count() == accepted }, 5*time.Second, time.Millisecond)
+	got := rec.arrivals()
+	// The last accepted packet leaves the transmitter after accepted ms.
+	require.GreaterOrEqual(t, got[len(got)-1].at.Sub(start), time.Duration(accepted)*time.Millisecond)
+	for i, g := range got {
+		require.Equal(t, uint32(i), g.seq)
+	}
+}
+
+func TestSetDownDropsInFlight(t *testing.T) {
+	a, b, rec := newRecordedLink(t, Config{AtoB: Direction{Delay: 30 * time.Millisecond}})
+	sendSeq(t, a, 0, 10, 100)
+	b.SetDown(true) // either end takes the whole link down
+	require.True(t, a.IsDown())
+	sendSeq(t, a, 10, 15, 100)
+	time.Sleep(60 * time.Millisecond)
+	require.Zero(t, rec.count())
+	require.Equal(t, uint64(15), a.Stats().Tx.DroppedDown)
+
+	a.SetDown(false)
+	sendSeq(t, a, 15, 20, 100)
+	require.Eventually(t, func() bool { return rec.count() == 5 }, 2*time.Second, time.Millisecond)
+	require.Equal(t, uint32(15), rec.arrivals()[0].seq)
+	require.Equal(t, b.Stats().Rx, a.Stats().Tx)
+}
+
+func TestSetDownUpQuicklyStillDropsInFlight(t *testing.T) {
+	a, _, rec := newRecordedLink(t, Config{AtoB: Direction{Delay: 20 * time.Millisecond}})
+	sendSeq(t, a, 0, 10, 100)
+	a.SetDown(true)
+	a.SetDown(false)
+	sendSeq(t, a, 10, 12, 100)
+	require.Eventually(t, func() bool { return rec.count() == 2 }, 2*time.Second, time.Millisecond)
+	time.Sleep(30 * time.Millisecond)
+	require.Equal(t, 2, rec.count())
+	require.Equal(t, uint64(10), a.Stats().Tx.DroppedDown)
+}
+
+func TestSetDirectionAtRunTime(t *testing.T) {
+	a, _, rec := newRecordedLink(t, Config{})
+	sendSeq(t, a, 0, 1, 100)
+	require.Eventually(t, func() bool { return rec.count() == 1 }, time.Second, time.Millisecond)
+
+	d := Direction{Delay: 40 * time.Millisecond}
+	a.SetDirection(d)
+	require.Equal(t, d, a.Direction())
+	start := time.Now()
+	sendSeq(t, a, 1, 2, 100)
+	// Back to no delay: the next packet must still not overtake.
+	a.SetDirection(Direction{})
+	sendSeq(t, a, 2, 3, 100)
+	require.Eventually(t, func() bool { return rec.count() == 3 }, time.Second, time.Millisecond)
+	got := rec.arrivals()
+	require.GreaterOrEqual(t, got[1].at.Sub(start), 40*time.Millisecond)
+	require.Equal(t, []uint32{0, 1, 2}, []uint32{got[0].seq, got[1].seq, got[2].seq})
+}
+
+func TestProtocolAndCopies(t *testing.T) {
+	tests := []struct {
+		name      string
+		version   byte
+		wantProto tcpip.NetworkProtocolNumber
+		delivered bool
+	}{
+		{name: "ipv4", version: 4, wantProto: header.IPv4ProtocolNumber, delivered: true},
+		{name: "ipv6", version: 6, wantProto: header.IPv6ProtocolNumber, delivered: true},
+		{name: "not ip", version: 5},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a, _, rec := newRecordedLink(t, Config{AtoB: Direction{Delay: 5 * time.Millisecond}})
+			data := rawPacket(tc.version, 99, 60)
+			pkt := write(t, a, data)
+			// The link must not take the caller's reference...
+			require.Equal(t, int64(1), pkt.ReadRefs())
+			// ...and must have copied: scribbling on the original after
+			// the write must not reach the peer.
+			v := pkt.ToView()
+			want := append([]byte(nil), v.AsSlice()...)
+			v.Release()
+			pkt.AsSlices()[0][30] ^= 0xff
+			pkt.DecRef()
+			if !tc.delivered {
+				require.Eventually(t, func() bool { return a.Stats().Tx.DroppedOther == 1 }, time.Second, time.Millisecond)
+				require.Zero(t, rec.count())
+				return
+			}
+			require.Eventually(t, func() bool { return rec.count() == 1 }, time.Second, time.Millisecond)
+			g := rec.arrivals()[0]
+			require.Equal(t, tc.wantProto, g.proto)
+			require.Equal(t, want, g.data)
+			require.Equal(t, []int64{1}, rec.refs, "the peer gets a fresh packet holding one reference")
+		})
+	}
+}
+
+func TestUnattachedPeerCountsDrops(t *testing.T) {
+	a, b := New(Config{})
+	t.Cleanup(a.Close)
+	require.False(t, b.IsAttached())
+	sendSeq(t, a, 0, 3, 100)
+	require.Eventually(t, func() bool { return a.Stats().Tx.DroppedOther == 3 }, time.Second, time.Millisecond)
+}
+
+func TestCloseStopsGoroutines(t *testing.T) {
+	before := runtime.NumGoroutine()
+	a, b := New(Config{AtoB: Direction{Delay: time.Hour}, BtoA: Direction{RateBps: 1000}})
+	rec := &recorder{}
+	b.Attach(rec)
+	require.Equal(t, before+2, runtime.NumGoroutine())
+	sendSeq(t, a, 0, 5, 100)
+	sendSeq(t, b, 0, 5, 100)
+	b.Close()
+	b.Close()
+	a.Close()
+	a.Wait()
+	// Poll by hand: require.Eventually runs its own goroutines.
+	deadline := time.Now().Add(time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	require.LessOrEqual(t, runtime.NumGoroutine(), before)
+
+	var l stack.PacketBufferList
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(rawPacket(4, 0, 40))})
+	defer pkt.DecRef()
+	l.PushBack(pkt)
+	_, err := a.WritePackets(l)
+	require.IsType(t, &tcpip.ErrClosedForSend{}, err)
+	// Everything queued at Close is accounted for.
+	st := a.Stats()
+	require.Equal(t, uint64(5), st.Tx.DroppedOther)
+	require.Equal(t, uint64(5), st.Rx.DroppedOther+st.Rx.DroppedQueue)
+	require.Zero(t, rec.count())
+}

@@ -118,17 +118,19 @@ func TestListenModeEndToEnd(t *testing.T) {
 		// subflow targeting another uplink's address would.
 		{"c0 other local address", 0, "10.95.0.1", "10.91.0.1"},
 	}
-	stacks := make([]*tunStack, len(h.Uplinks))
+	// One listener per stack for all cases: gVisor keeps a closed
+	// listener's port reserved while its connections linger.
+	listeners := make([]*gonet.TCPListener, len(h.Uplinks))
 	for i, u := range h.Uplinks {
-		stacks[i] = newTUNStack(t, u.TUN, u.StackAddr, u.MTU)
+		st := newTUNStack(t, u.TUN, u.StackAddr, u.MTU)
+		ln, err := gonet.ListenTCP(st.s, tcpip.FullAddress{Addr: tcpip.AddrFrom4(u.StackAddr.As4()), Port: port}, ipv4.ProtocolNumber)
+		require.NoError(t, err)
+		t.Cleanup(func() { ln.Close() })
+		listeners[i] = ln
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			u := h.Uplinks[tc.uplink]
-			st := stacks[tc.uplink]
-			ln, err := gonet.ListenTCP(st.s, tcpip.FullAddress{Addr: tcpip.AddrFrom4(u.StackAddr.As4()), Port: port}, ipv4.ProtocolNumber)
-			require.NoError(t, err)
-			defer ln.Close()
+			ln := listeners[tc.uplink]
 			got := make(chan string, 1)
 			go func() {
 				conn, err := ln.Accept()

@@ -96,9 +96,9 @@ func newTopo(t *testing.T) *topo {
 	t.Helper()
 	tp := &topo{
 		client: newNS(t, "c"), peer: newNS(t, "p"),
-		clientAddrs: []string{"10.91.0.2", "10.92.0.2"},
-		peerAddrs:   []string{"10.91.0.1", "10.92.0.1"},
-		serverAddr:  netip.MustParseAddr("10.99.0.1"),
+		clientAddrs:      []string{"10.91.0.2", "10.92.0.2"},
+		peerAddrs:        []string{"10.91.0.1", "10.92.0.1"},
+		serverAddr:       netip.MustParseAddr("10.99.0.1"),
 		extraClientLocal: netip.MustParseAddr("10.95.0.1"),
 	}
 	tp.cnl, tp.pnl = nlHandle(t, tp.client), nlHandle(t, tp.peer)

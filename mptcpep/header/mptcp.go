@@ -89,18 +89,18 @@ type Option interface {
 
 // Encoded option lengths.
 const (
-	MPCapableSYNLen        = 4
-	MPCapableSYNACKLen     = 12
-	MPCapableACKLen        = 20
-	MPCapableACKDataLen    = 22
+	MPCapableSYNLen         = 4
+	MPCapableSYNACKLen      = 12
+	MPCapableACKLen         = 20
+	MPCapableACKDataLen     = 22
 	MPCapableACKDataCsumLen = 24
-	MPJoinSYNLen           = 12
-	MPJoinSYNACKLen        = 16
-	MPJoinACKLen           = 24
-	MPPrioLen              = 3
-	MPFailLen              = 12
-	MPFastcloseLen         = 12
-	MPTCPRstLen            = 4
+	MPJoinSYNLen            = 12
+	MPJoinSYNACKLen         = 16
+	MPJoinACKLen            = 24
+	MPPrioLen               = 3
+	MPFailLen               = 12
+	MPFastcloseLen          = 12
+	MPTCPRstLen             = 4
 	// DSSMaxLen is the longest DSS: 64-bit DATA_ACK, 64-bit DSN, checksum.
 	DSSMaxLen = 28
 	// AddAddrMaxLen is ADD_ADDR with IPv6, port and HMAC.
@@ -807,13 +807,13 @@ func (o *MPFastclose) Decode(b []byte) error {
 
 // MP_TCPRST reason codes (RFC 8684 3.6).
 const (
-	RstReasonUnspecified       = 0x00
-	RstReasonMPTCPError        = 0x01
-	RstReasonLackOfResources   = 0x02
-	RstReasonAdminProhibited   = 0x03
+	RstReasonUnspecified        = 0x00
+	RstReasonMPTCPError         = 0x01
+	RstReasonLackOfResources    = 0x02
+	RstReasonAdminProhibited    = 0x03
 	RstReasonTooMuchOutstanding = 0x04
-	RstReasonUnacceptablePerf  = 0x05
-	RstReasonMiddlebox         = 0x06
+	RstReasonUnacceptablePerf   = 0x05
+	RstReasonMiddlebox          = 0x06
 )
 
 // MPTCPRst is the MP_TCPRST option. The reserved U, V, W flag bits are

@@ -24,14 +24,14 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (CAP_NET_ADMIN) to create namespaces, TUNs, routes and nft tables")
 	}
 }
 
-func randSuffix(t *testing.T) string {
+func randSuffix(t testing.TB) string {
 	var b [3]byte
 	_, err := rand.Read(b[:])
 	require.NoError(t, err)
@@ -40,7 +40,7 @@ func randSuffix(t *testing.T) string {
 
 // newNS creates a named namespace mth-<rand>-<tag> without leaving the
 // calling thread in it, and deletes it on cleanup.
-func newNS(t *testing.T, tag string) netns.NsHandle {
+func newNS(t testing.TB, tag string) netns.NsHandle {
 	t.Helper()
 	name := "mth-" + randSuffix(t) + "-" + tag
 	runtime.LockOSThread()
@@ -58,12 +58,12 @@ func newNS(t *testing.T, tag string) netns.NsHandle {
 	return ns
 }
 
-func runIn(t *testing.T, ns netns.NsHandle, fn func() error) {
+func runIn(t testing.TB, ns netns.NsHandle, fn func() error) {
 	t.Helper()
 	require.NoError(t, inNS(ns, fn))
 }
 
-func nlHandle(t *testing.T, ns netns.NsHandle) *netlink.Handle {
+func nlHandle(t testing.TB, ns netns.NsHandle) *netlink.Handle {
 	t.Helper()
 	h, err := netlink.NewHandleAt(ns)
 	require.NoError(t, err)
@@ -71,7 +71,7 @@ func nlHandle(t *testing.T, ns netns.NsHandle) *netlink.Handle {
 	return h
 }
 
-func addAddr(t *testing.T, h *netlink.Handle, ifname, cidr string) {
+func addAddr(t testing.TB, h *netlink.Handle, ifname, cidr string) {
 	t.Helper()
 	l, err := h.LinkByName(ifname)
 	require.NoError(t, err)
@@ -92,7 +92,7 @@ type topo struct {
 	extraClientLocal netip.Addr // on client lo, routed by the peer via c0
 }
 
-func newTopo(t *testing.T) *topo {
+func newTopo(t testing.TB) *topo {
 	t.Helper()
 	tp := &topo{
 		client: newNS(t, "c"), peer: newNS(t, "p"),
@@ -140,7 +140,7 @@ type tunStack struct {
 
 const tunOffset = 16 // >= virtio-net header (10) that wireguard prepends
 
-func newTUNStack(t *testing.T, dev tun.Device, addr netip.Addr, mtu int) *tunStack {
+func newTUNStack(t testing.TB, dev tun.Device, addr netip.Addr, mtu int) *tunStack {
 	t.Helper()
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol},

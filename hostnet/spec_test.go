@@ -2,6 +2,7 @@ package hostnet
 
 import (
 	"net"
+	"os"
 	"net/netip"
 	"strings"
 	"testing"
@@ -150,4 +151,15 @@ func TestSlotPrefix(t *testing.T) {
 	for _, tc := range tests {
 		require.Equal(t, tc.want, slotPrefix(netip.MustParsePrefix(tc.base), tc.k).String())
 	}
+}
+
+func TestCheckPrivileges(t *testing.T) {
+	err := CheckPrivileges()
+	if os.Geteuid() == 0 {
+		require.NoError(t, err)
+		return
+	}
+	require.ErrorIs(t, err, ErrNotPrivileged)
+	_, err = Setup(t.Context(), Config{Mode: ModeConnect, Uplinks: []UplinkSpec{{Iface: "lo"}}})
+	require.ErrorIs(t, err, ErrNotPrivileged)
 }

@@ -2,8 +2,8 @@ package hostnet
 
 import (
 	"net"
-	"os"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 

@@ -22,7 +22,8 @@ import (
 // NetnsDir is where iproute2 keeps named namespaces.
 const NetnsDir = "/run/netns"
 
-// NS is a named network namespace (as created by `ip netns add`).
+// NS is a named network namespace (as created by `ip netns add`). An empty
+// Name means the caller's own namespace.
 type NS struct {
 	Name string
 }
@@ -30,6 +31,9 @@ type NS struct {
 // Command returns a command that runs inside the namespace. It is killed
 // when ctx ends.
 func (n *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	if n.Name == "" {
+		return exec.CommandContext(ctx, name, args...)
+	}
 	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
 }
 
@@ -45,6 +49,9 @@ func (n *NS) Run(ctx context.Context, name string, args ...string) ([]byte, erro
 // rather than switched back, so no goroutine can ever run in the wrong
 // namespace.
 func (n *NS) Do(fn func() error) error {
+	if n.Name == "" {
+		return fn()
+	}
 	errc := make(chan error, 1)
 	go func() {
 		// Never unlocked: the runtime terminates the thread when this

@@ -27,6 +27,10 @@ type Path struct {
 	// Direct joins client and server with a plain veth pair: no emulator,
 	// offloads on, full kernel speed. Shaping fields must be zero.
 	Direct bool
+	// External builds the emulator namespace and its interfaces
+	// (PathInfo.EmuIfA/EmuIfB) but starts no emulator: the caller forwards,
+	// e.g. with the linkemu program. Nothing passes until it does.
+	External bool
 	// Rate in bit/s (0: unlimited), Delay and Jitter one way.
 	Rate          uint64
 	Delay, Jitter time.Duration
@@ -63,7 +67,10 @@ type PathInfo struct {
 	// ClientIf and ServerIf are the path interfaces in the client and server
 	// namespaces (both named "p<i>").
 	ClientIf, ServerIf string
-	// Emulator is nil for Direct paths.
+	// EmuIfA faces the client and EmuIfB the server, in Topology.Emu
+	// (empty for Direct paths).
+	EmuIfA, EmuIfB string
+	// Emulator is nil for Direct and External paths.
 	Emulator *linkemu.Emulator
 }
 
@@ -192,6 +199,9 @@ func (t *Topology) build(ctx context.Context, spec Spec) error {
 		if pi.Name == "" {
 			pi.Name = pi.ClientIf
 		}
+		if !p.Direct {
+			pi.EmuIfA, pi.EmuIfB = fmt.Sprintf("c%d", i), fmt.Sprintf("s%d", i)
+		}
 		t.Paths = append(t.Paths, pi)
 		c, s := t.Client.Name, t.Server.Name
 		var cmds [][]string
@@ -199,7 +209,7 @@ func (t *Topology) build(ctx context.Context, spec Spec) error {
 			cmds = append(cmds, []string{"-n", c, "link", "add", pi.ClientIf, "mtu", mtu, "type", "veth", "peer", "name", pi.ServerIf, "mtu", mtu, "netns", s})
 		} else {
 			e := t.Emu.Name
-			ce, se := fmt.Sprintf("c%d", i), fmt.Sprintf("s%d", i)
+			ce, se := pi.EmuIfA, pi.EmuIfB
 			cmds = append(cmds,
 				[]string{"-n", c, "link", "add", pi.ClientIf, "mtu", mtu, "type", "veth", "peer", "name", ce, "mtu", mtu, "netns", e},
 				[]string{"-n", s, "link", "add", pi.ServerIf, "mtu", mtu, "type", "veth", "peer", "name", se, "mtu", mtu, "netns", e},
@@ -227,7 +237,7 @@ func (t *Topology) build(ctx context.Context, spec Spec) error {
 			for _, x := range []struct {
 				ns  *NS
 				dev string
-			}{{t.Client, pi.ClientIf}, {t.Server, pi.ServerIf}, {t.Emu, fmt.Sprintf("c%d", i)}, {t.Emu, fmt.Sprintf("s%d", i)}} {
+			}{{t.Client, pi.ClientIf}, {t.Server, pi.ServerIf}, {t.Emu, pi.EmuIfA}, {t.Emu, pi.EmuIfB}} {
 				if err := DisableOffloads(ctx, x.ns, x.dev); err != nil {
 					return err
 				}
@@ -271,12 +281,12 @@ func (t *Topology) startEmulators(ctx context.Context) error {
 	var emus []*linkemu.Emulator
 	err := t.Emu.Do(func() error {
 		for _, pi := range t.Paths {
-			if pi.Direct {
+			if pi.Direct || pi.External {
 				continue
 			}
 			e, err := linkemu.Open(linkemu.Config{
-				IfA:    fmt.Sprintf("c%d", pi.Index),
-				IfB:    fmt.Sprintf("s%d", pi.Index),
+				IfA:    pi.EmuIfA,
+				IfB:    pi.EmuIfB,
 				AtoB:   pi.params(uint64(2*pi.Index + 1)),
 				BtoA:   pi.params(uint64(2*pi.Index + 2)),
 				Logger: t.log.With("path", pi.Name),

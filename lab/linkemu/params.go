@@ -73,7 +73,7 @@ func (p Params) Validate() error {
 	if p.Jitter > p.Delay {
 		errs = append(errs, fmt.Errorf("jitter %v larger than delay %v", p.Jitter, p.Delay))
 	}
-	if p.Loss < 0 || p.Loss > 1 {
+	if !(p.Loss >= 0 && p.Loss <= 1) { // also rejects NaN
 		errs = append(errs, fmt.Errorf("loss %v outside [0,1]", p.Loss))
 	}
 	if p.Burst < 0 || p.QueueBytes < 0 {

@@ -211,6 +211,14 @@ func TestReassemblyWindowEdge(t *testing.T) {
 	n, err = r.Insert(isn-1<<62, stream[:10])
 	require.NoError(t, err)
 	require.Zero(t, n)
+
+	require.Equal(t, 100, r.Window())
+	_, ok := r.FinDSN()
+	require.False(t, ok)
+	require.NoError(t, r.SetFin(isn+120))
+	fin, ok := r.FinDSN()
+	require.True(t, ok)
+	require.Equal(t, isn+120, fin)
 }
 
 func TestReassemblySegmentCap(t *testing.T) {

@@ -215,10 +215,11 @@ func TestReassemblyWindowEdge(t *testing.T) {
 	require.Equal(t, 100, r.Window())
 	_, ok := r.FinDSN()
 	require.False(t, ok)
-	require.NoError(t, r.SetFin(isn+120))
+	require.NoError(t, r.SetFin(isn+130))
 	fin, ok := r.FinDSN()
 	require.True(t, ok)
-	require.Equal(t, isn+120, fin)
+	require.Equal(t, isn+130, fin)
+	require.Equal(t, isn+131, r.RcvNxt(), "FIN right at rcv_nxt is reached at once")
 }
 
 func TestReassemblySegmentCap(t *testing.T) {

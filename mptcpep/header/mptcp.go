@@ -630,6 +630,9 @@ func (o *AddAddr) Decode(b []byte) error {
 	if err != nil {
 		return err
 	}
+	if len(b) < 8 {
+		return badLen(SubtypeAddAddr, len(b))
+	}
 	*o = AddAddr{Echo: b[2]&1 != 0, AddrID: b[3]}
 	rest := len(b) - 4
 	if !o.Echo {
@@ -695,7 +698,8 @@ func (o *RemoveAddr) Decode(b []byte) error {
 	if err != nil {
 		return err
 	}
-	if len(b) < 4 {
+	// At least one ID; at most what fits in the 40 bytes of TCP options.
+	if len(b) < 4 || len(b) > 40 {
 		return badLen(SubtypeRemoveAddr, len(b))
 	}
 	o.AddrIDs = b[3:]

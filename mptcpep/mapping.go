@@ -14,6 +14,9 @@ const (
 	// maxMappingLen is the largest data-level length a DSS option can
 	// carry (16 bits).
 	maxMappingLen = 65535
+	// maxRxMappingAhead bounds how far beyond the consumed offset a
+	// mapping may start: no TCP receive window exceeds 1 GiB (RFC 7323).
+	maxRxMappingAhead = 1 << 30
 )
 
 var (
@@ -95,6 +98,11 @@ func (t *rxMappings) Add(m rxMapping) error {
 	}
 	if ssnLEQ(m.end(), t.consumed) {
 		return nil
+	}
+	if ssnLT(t.consumed, m.SSN) && m.SSN-t.consumed > maxRxMappingAhead {
+		// Keeps every SSN held within 2^31 of consumed, where the
+		// wrap-safe order is consistent.
+		return fmt.Errorf("SSN %d too far ahead of %d: %w", m.SSN, t.consumed, ErrBadMapping)
 	}
 	live := t.maps[t.head:]
 	// Fast path: the newest mapping repeated, or the next one in order.

@@ -1,8 +1,10 @@
 package mptcpep
 
 import (
+	"encoding/binary"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -10,6 +12,7 @@ import (
 
 func TestRxMappingsAdd(t *testing.T) {
 	var dsn uint64 = math.MaxUint64 - 100_000 // the DSN space wraps inside these tests
+	var top uint32 = math.MaxUint32 - 10      // SSNs computed from it wrap
 	type add struct {
 		m       rxMapping
 		wantErr error
@@ -142,6 +145,17 @@ func TestRxMappingsAdd(t *testing.T) {
 				{ssn: 299, ok: true, dsn: dsn + 399, n: 1},
 				{ssn: 300, ok: false},
 			},
+		},
+		{
+			name:  "too far ahead",
+			first: top,
+			adds: []add{
+				{m: rxMapping{SSN: top + 1<<30 + 1, DSN: dsn, Len: 10}, wantErr: ErrBadMapping},
+				{m: rxMapping{SSN: top + 1<<30, DSN: dsn, Len: 10}},
+				{m: rxMapping{SSN: top - 1<<31, DSN: dsn, Len: 10}}, // far behind: ignored
+			},
+			wantLen: 1,
+			lookups: []lookup{{ssn: top + 1<<30 + 9, ok: true, dsn: dsn + 9, n: 1}},
 		},
 		{
 			name:  "invalid lengths",
@@ -463,4 +477,68 @@ func BenchmarkTxMappings(b *testing.B) {
 		}
 		tab.Ack(start)
 	}
+}
+
+// FuzzRxMappings feeds arbitrary mappings, consumes and lookups: the table
+// must never panic, stay sorted, bounded and free of overlaps, and every
+// lookup must agree with a mapping that Add accepted.
+func FuzzRxMappings(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 0, 1, 0, 100, 0, 0, 0, 0, 0, 50, 0, 10, 2, 0, 0, 0, 60, 0, 0, 0, 0})
+	f.Add([]byte{0, 255, 255, 255, 200, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, script []byte) {
+		const first = math.MaxUint32 - 1000 // wraps during the script
+		tab := newRxMappings(first)
+		consumed := uint32(first)
+		var accepted []rxMapping
+		for len(script) >= 12 {
+			op := script[0] % 3
+			ssn := first + binary.BigEndian.Uint32(script[1:5])%4000
+			dsn := uint64(script[5])<<8 | uint64(script[6])
+			n := int(binary.BigEndian.Uint16(script[7:9])) % 3000
+			flags := script[9]
+			script = script[12:]
+			switch op {
+			case 0:
+				m := rxMapping{SSN: ssn, DSN: dsn, Len: n, DataFin: flags&1 != 0, HasCsum: flags&2 != 0}
+				if tab.Add(m) == nil && n > 0 && ssnLT(consumed, m.end()) {
+					accepted = append(accepted, m)
+				}
+			case 1:
+				if ssnLT(consumed, ssn) {
+					consumed = ssn
+				}
+				tab.Consume(ssn)
+				// Dropped mappings are forgotten: a later mapping may map
+				// those consumed bytes differently without conflict.
+				accepted = slices.DeleteFunc(accepted, func(m rxMapping) bool {
+					return ssnLEQ(m.end(), consumed)
+				})
+			case 2:
+				d, left, ok := tab.Lookup(ssn)
+				if !ok {
+					continue
+				}
+				require.Positive(t, left)
+				// Some accepted mapping covering ssn places it at d (merged
+				// mappings extend accepted ones consistently).
+				found := false
+				for _, m := range accepted {
+					if covers(m.SSN, m.Len, ssn) {
+						require.Equal(t, m.DSN+uint64(ssn-m.SSN), d, "ssn %d", ssn)
+						found = true
+					}
+				}
+				require.True(t, found, "lookup of %d hit no accepted mapping", ssn)
+			}
+			live := tab.maps[tab.head:]
+			require.LessOrEqual(t, len(live), maxRxMappings)
+			for i := 1; i < len(live); i++ {
+				require.True(t, ssnLEQ(live[i-1].end(), live[i].SSN), "sorted, disjoint")
+			}
+			for _, m := range live {
+				require.True(t, ssnLT(consumed, m.end()), "consumed mappings dropped")
+				require.LessOrEqual(t, m.Len, 1<<31)
+			}
+		}
+	})
 }

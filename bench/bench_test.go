@@ -1,0 +1,223 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mptun/mptun/lab"
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseIperf(t *testing.T) {
+	raw, err := os.ReadFile("testdata/iperf3-mptcp-up.json")
+	require.NoError(t, err)
+	tests := []struct {
+		name    string
+		raw     []byte
+		wantBps float64
+		wantErr string
+	}{
+		{"real mptcpize run", raw, 56280094.63232829, ""},
+		{"iperf3 error", []byte(`{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}`), 0, "refused"},
+		{"not json", []byte("iperf3: error"), 0, "JSON"},
+		{"no end", []byte(`{"start":{}}`), 0, "no end"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := parseIperf(tc.raw)
+			if tc.wantErr != "" {
+				require.ErrorContains(t, err, tc.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tc.wantBps, r.End.SumReceived.BitsPerSecond)
+			require.NotNil(t, r.End.SumSent.Retransmits)
+			require.Equal(t, 162, *r.End.SumSent.Retransmits)
+		})
+	}
+	require.True(t, refused([]byte(`{"error":"unable to connect to server: Connection refused"}`)))
+	require.False(t, refused(raw))
+}
+
+func counters(tx0, rx0, tx1, rx1 uint64) []lab.PathCounters {
+	return []lab.PathCounters{{TxBytes: tx0, RxBytes: rx0}, {TxBytes: tx1, RxBytes: rx1}}
+}
+
+func TestTimelineSharesAndFailover(t *testing.T) {
+	// 1 s steps; path 0 carries 1.25 MB/s (10 Mbit/s) except in seconds 2-3.
+	samples := []Sample{
+		{0, counters(0, 0, 0, 0)},
+		{time.Second, counters(1_250_000, 0, 1_250_000, 10)},
+		{2 * time.Second, counters(2_500_000, 0, 2_500_000, 20)},
+		{3 * time.Second, counters(2_500_000, 0, 2_500_000, 30)},
+		{4 * time.Second, counters(2_500_000, 0, 3_000_000, 40)},
+		{5 * time.Second, counters(3_750_000, 0, 4_250_000, 50)},
+	}
+	tl := timeline(samples, Upload)
+	require.Equal(t, []float64{1, 2, 3, 4, 5}, tl.T)
+	require.Equal(t, []float64{10, 10, 0, 0, 10}, tl.Paths[0])
+	require.Equal(t, []float64{10, 10, 0, 4, 10}, tl.Paths[1])
+	require.Equal(t, []float64{0, 0, 0, 0, 0}, timeline(samples, Download).Paths[0])
+
+	sh := shares(samples, Upload)
+	require.InDelta(t, 3.75/8.0, sh[0], 1e-9)
+	require.InDelta(t, 4.25/8.0, sh[1], 1e-9)
+	require.Equal(t, []float64{0, 1}, shares(samples, Download))
+	require.Nil(t, shares(samples[:1], Upload))
+
+	tests := []struct {
+		from, to  time.Duration
+		surviving float64
+		want      time.Duration
+	}{
+		{2 * time.Second, 4 * time.Second, 10, 2 * time.Second}, // 0 then 4 Mbit/s: both below 5
+		{2 * time.Second, 4 * time.Second, 8, time.Second},      // 4 is not below 4
+		{0, 5 * time.Second, 10, 2 * time.Second},
+		{4 * time.Second, 5 * time.Second, 10, 0},
+	}
+	for _, tc := range tests {
+		require.Equal(t, tc.want, belowHalf(tl, tc.from, tc.to, tc.surviving), "%+v", tc)
+	}
+}
+
+func TestProcParsers(t *testing.T) {
+	snmp := "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin RetransSegs InErrs\nTcp: 1 200 1234 0\nUdp: InDatagrams\nUdp: 5\n"
+	v, err := parseSnmpTCP([]byte(snmp), "RetransSegs")
+	require.NoError(t, err)
+	require.Equal(t, uint64(1234), v)
+	_, err = parseSnmpTCP([]byte(snmp), "Nope")
+	require.Error(t, err)
+
+	stat := "cpu  100 5 50 1000 20 1 4 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+	busy, err := parseProcStat([]byte(stat))
+	require.NoError(t, err)
+	require.Equal(t, 1600*time.Millisecond, busy) // (100+5+50+1+4) ticks
+	_, err = parseProcStat([]byte("intr 1 2 3\n"))
+	require.Error(t, err)
+}
+
+func TestScenariosMatchTheIssue(t *testing.T) {
+	sc := Scenarios(20 * time.Second)
+	require.Len(t, sc, 6)
+	rates := map[int]float64{1: 100e6, 2: 60e6, 3: 70e6, 4: 100e6, 5: 100e6}
+	for _, s := range sc {
+		if want, ok := rates[s.ID]; ok {
+			require.Equal(t, want, s.pathRate(), s.String())
+		}
+	}
+	require.Equal(t, 300*time.Millisecond, sc[2].Paths[1].Delay)
+	require.Equal(t, 0.01, sc[3].Paths[1].Loss)
+	pi, o, ok := sc[4].outage()
+	require.True(t, ok)
+	require.Equal(t, 0, pi)
+	require.Equal(t, 10*time.Second, o.Start)
+	require.Equal(t, 10*time.Second, o.Duration)
+	require.Equal(t, 30*time.Second, sc[4].Duration)
+	require.Len(t, sc[5].Paths, 3)
+	require.NotEqual(t, sc[5].Paths[0].Rate, sc[5].Paths[1].Rate)
+	for _, s := range sc {
+		for _, p := range s.Paths {
+			require.NoError(t, p.Params().Validate())
+		}
+	}
+
+	tests := []struct {
+		spec    string
+		want    []int
+		wantErr bool
+	}{{"all", []int{1, 2, 3, 4, 5, 6}, false}, {"3", []int{3}, false}, {"5, 1", []int{5, 1}, false}, {"7", nil, true}, {"x", nil, true}}
+	for _, tc := range tests {
+		got, err := selectScenarios(sc, tc.spec)
+		if tc.wantErr {
+			require.Error(t, err, tc.spec)
+			continue
+		}
+		require.NoError(t, err)
+		var ids []int
+		for _, s := range got {
+			ids = append(ids, s.ID)
+		}
+		require.Equal(t, tc.want, ids)
+	}
+	for in, want := range map[string]time.Duration{"10": 10 * time.Second, "2.5s": 2500 * time.Millisecond, "1m": time.Minute} {
+		d, err := parseDuration(in)
+		require.NoError(t, err)
+		require.Equal(t, want, d)
+	}
+	for _, bad := range []string{"1s", "0.5", "soon"} {
+		_, err := parseDuration(bad)
+		require.Error(t, err, bad)
+	}
+}
+
+func TestReportAndPlots(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "2026-01-01T000000Z")
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	sc := Scenarios(10 * time.Second)
+	half := 1.5
+	tl := Timeline{T: []float64{0.1, 0.2, 0.3}, Paths: [][]float64{{40, 0, 0}, {10, 20, 48}}}
+	runs := []Run{
+		{ScenarioID: 5, Scenario: "failover", Impl: "kernel-mptcp", Dir: Upload, GoodputMbit: 71.5, Ratio: 0.716, Shares: []float64{0.4, 0.6}, Retrans: 12, CPUPerGbit: 1.25, BelowHalf: &half, Timeline: tl, Raw: "raw/s5-kernel-mptcp-up.json"},
+		{ScenarioID: 5, Scenario: "failover", Impl: "tcp-p0", Dir: Upload, Err: "iperf3: boom | bang"},
+	}
+	name, err := plotTimeline(dir, sc[4], runs[0])
+	require.NoError(t, err)
+	summary, err := plotSummary(dir, sc[4:5], runs, Upload)
+	require.NoError(t, err)
+	none, err := plotSummary(dir, sc[4:5], runs, Download)
+	require.NoError(t, err)
+	require.Empty(t, none, "no download runs, no chart")
+	for _, p := range []string{name, summary} {
+		st, err := os.Stat(filepath.Join(dir, p))
+		require.NoError(t, err)
+		require.Greater(t, st.Size(), int64(1000), p)
+	}
+	meta := Meta{Date: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), Command: "go run ./bench", Duration: 10 * time.Second, Machine: "test", Kernel: "Linux"}
+	require.NoError(t, writeReport(dir, meta, sc[4:5], runs, []string{summary, name}))
+	md, err := os.ReadFile(filepath.Join(dir, "results.md"))
+	require.NoError(t, err)
+	s := string(md)
+	require.Contains(t, s, "| 5 | failover | kernel-mptcp | up | 71.5 | 0.72 | 40/60 | 12 | 1.25 | 1.5 | [json](raw/s5-kernel-mptcp-up.json) |")
+	require.Contains(t, s, "error: iperf3: boom / bang")
+	require.Contains(t, s, "down 5s for 5s")
+	latest, err := os.ReadFile(filepath.Join(filepath.Dir(dir), "latest.md"))
+	require.NoError(t, err)
+	require.Contains(t, string(latest), "[json](2026-01-01T000000Z/raw/s5-kernel-mptcp-up.json)")
+	require.Contains(t, string(latest), "![summary-up.png](2026-01-01T000000Z/summary-up.png)")
+	require.FileExists(t, filepath.Join(dir, "results.json"))
+}
+
+// TestRunnerEndToEnd measures one short single-path transfer through the
+// emulator and checks the numbers are those of a 50 Mbit/s path.
+func TestRunnerEndToEnd(t *testing.T) {
+	lab.NeedRoot(t)
+	if _, err := os.Stat("/usr/bin/iperf3"); err != nil {
+		t.Fatalf("iperf3 missing (scripts/install-deps.sh): %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "raw"), 0o755))
+	var progress strings.Builder
+	r := &runner{dir: dir, log: nil, progress: &progress, dirs: []Direction{Upload, Download},
+		implFilter: func(n string) bool { return n == "tcp-p1" }}
+	r.log = discardLogger()
+	sc := Scenarios(3 * time.Second)[0]
+	runs, err := r.scenario(ctx, sc)
+	require.NoError(t, err)
+	require.Len(t, runs, 2)
+	for _, run := range runs {
+		require.Empty(t, run.Err)
+		t.Logf("%s %s: %.1f Mbit/s shares %v", run.Impl, run.Dir, run.GoodputMbit, run.Shares)
+		require.Less(t, run.GoodputMbit, 51.0, "a 50 Mbit/s path cannot carry more")
+		require.Greater(t, run.GoodputMbit, 20.0)
+		require.Greater(t, run.Shares[1], 0.95, "tcp-p1 must use path 1")
+		require.NotEmpty(t, run.Timeline.T)
+		require.FileExists(t, filepath.Join(dir, run.Raw))
+	}
+	require.Contains(t, progress.String(), "tcp-p1")
+}

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os/exec"
+	"strconv"
+	"time"
+
+	"github.com/mptun/mptun/lab"
+)
+
+// Direction of a transfer, seen from the client.
+type Direction string
+
+// Directions measured for every implementation.
+const (
+	Upload   Direction = "up"
+	Download Direction = "down"
+)
+
+// Env is what an implementation gets for one measured transfer.
+type Env struct {
+	Topo     *lab.Topology
+	Scenario Scenario
+	Dir      Direction
+	Duration time.Duration
+	// Port is free for this transfer in both namespaces.
+	Port int
+}
+
+// Impl is one way of moving bytes from client to server: single-path TCP,
+// the kernel's MPTCP, later mptun's engine and tunnel. Adding one means
+// writing a Transfer function (usually a call of iperf3Transfer with the
+// right command wrappers) and listing it in implementations.
+type Impl struct {
+	Name string
+	// Setup runs once per scenario topology before its transfers (optional).
+	Setup func(ctx context.Context, topo *lab.Topology) error
+	// Transfer runs one timed transfer and returns iperf3's client JSON.
+	Transfer func(ctx context.Context, env Env) ([]byte, error)
+}
+
+// implementations lists what runs in scenario s.
+func implementations(s Scenario) []Impl {
+	var out []Impl
+	for i := range s.Paths {
+		out = append(out, singlePathTCP(i))
+	}
+	out = append(out, kernelMPTCP())
+	return out
+}
+
+// singlePathTCP is plain kernel TCP over path i alone.
+func singlePathTCP(i int) Impl {
+	return Impl{
+		Name: "tcp-p" + strconv.Itoa(i),
+		Transfer: func(ctx context.Context, env Env) ([]byte, error) {
+			p := env.Topo.Paths[i]
+			return iperf3Transfer(ctx, env, iperf3Opts{Server: p.ServerAddr.String(), Bind: p.ClientAddr.String()})
+		},
+	}
+}
+
+// kernelMPTCP is Linux MPTCP through mptcpize, one subflow endpoint per
+// extra path (kernel path manager).
+func kernelMPTCP() Impl {
+	return Impl{
+		Name:  "kernel-mptcp",
+		Setup: func(ctx context.Context, topo *lab.Topology) error { return topo.EnableKernelMPTCP(ctx) },
+		Transfer: func(ctx context.Context, env Env) ([]byte, error) {
+			p := env.Topo.Paths[0]
+			return iperf3Transfer(ctx, env, iperf3Opts{
+				Server: p.ServerAddr.String(), Bind: p.ClientAddr.String(),
+				Wrap: []string{"mptcpize", "run"},
+			})
+		},
+	}
+}
+
+type iperf3Opts struct {
+	Server string // address the client connects to
+	Bind   string // client source address ("" for any)
+	// Wrap prefixes both iperf3 commands, e.g. mptcpize run.
+	Wrap []string
+}
+
+// iperf3Transfer runs a one-shot iperf3 server in the server namespace and
+// a timed client in the client namespace, and returns the client's JSON.
+func iperf3Transfer(ctx context.Context, env Env, o iperf3Opts) ([]byte, error) {
+	port := strconv.Itoa(env.Port)
+	srvArgs := append(append([]string{}, o.Wrap...), "iperf3", "-s", "-1", "-p", port)
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	srv := env.Topo.Server.Command(sctx, srvArgs[0], srvArgs[1:]...)
+	if err := srv.Start(); err != nil {
+		return nil, fmt.Errorf("iperf3 server: %w", err)
+	}
+	defer func() { scancel(); _ = srv.Wait() }()
+
+	cliArgs := append(append([]string{}, o.Wrap...), "iperf3", "-c", o.Server, "-p", port,
+		"-t", strconv.FormatFloat(env.Duration.Seconds(), 'f', 1, 64), "-i", "0.5", "-J")
+	if o.Bind != "" {
+		cliArgs = append(cliArgs, "-B", o.Bind)
+	}
+	if env.Dir == Download {
+		cliArgs = append(cliArgs, "-R")
+	}
+	// The server needs a moment to listen; retry refused connections only.
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		out, err := env.Topo.Client.Command(ctx, cliArgs[0], cliArgs[1:]...).Output()
+		if err == nil {
+			return out, nil
+		}
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || time.Now().After(deadline) || ctx.Err() != nil || !refused(out) {
+			return out, fmt.Errorf("iperf3 client %v: %w: %s", cliArgs, err, iperfError(out))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -1,0 +1,112 @@
+package main
+
+import (
+	"fmt"
+	"image/color"
+	"path/filepath"
+	"slices"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/plotutil"
+	"gonum.org/v1/plot/vg"
+)
+
+// plotTimeline draws per-path and total throughput over time of one run.
+func plotTimeline(dir string, sc Scenario, r Run) (string, error) {
+	p := plot.New()
+	p.Title.Text = fmt.Sprintf("%s: %s %s", sc, r.Impl, r.Dir)
+	p.X.Label.Text = "time (s)"
+	p.Y.Label.Text = "Mbit/s on the wire"
+	total := make(plotter.XYs, len(r.Timeline.T))
+	for k, t := range r.Timeline.T {
+		total[k].X = t
+	}
+	for i, series := range r.Timeline.Paths {
+		xy := make(plotter.XYs, len(series))
+		for k, v := range series {
+			xy[k].X, xy[k].Y = r.Timeline.T[k], v
+			total[k].Y += v
+		}
+		l, err := plotter.NewLine(xy)
+		if err != nil {
+			return "", fmt.Errorf("plot line: %w", err)
+		}
+		l.Color = plotutil.Color(i)
+		p.Add(l)
+		p.Legend.Add(fmt.Sprintf("path %d (%s)", i, sc.Paths[i].Name), l)
+	}
+	l, err := plotter.NewLine(total)
+	if err != nil {
+		return "", fmt.Errorf("plot line: %w", err)
+	}
+	l.Color = color.Black
+	l.Dashes = []vg.Length{vg.Points(4), vg.Points(2)}
+	p.Add(l)
+	p.Legend.Add("total", l)
+	p.Legend.Top = true
+	p.Y.Min = 0
+	name := fmt.Sprintf("timeline-s%d-%s-%s.png", sc.ID, r.Impl, r.Dir)
+	if err := p.Save(8*vg.Inch, 4*vg.Inch, filepath.Join(dir, name)); err != nil {
+		return "", fmt.Errorf("save %s: %w", name, err)
+	}
+	return name, nil
+}
+
+// plotSummary draws a grouped bar chart: goodput per scenario, one bar per
+// implementation, for one direction.
+func plotSummary(dir string, scenarios []Scenario, runs []Run, d Direction) (string, error) {
+	var impls []string
+	for _, r := range runs {
+		if r.Dir == d && !slices.Contains(impls, r.Impl) {
+			impls = append(impls, r.Impl)
+		}
+	}
+	if len(impls) == 0 {
+		return "", nil
+	}
+	p := plot.New()
+	p.Title.Text = fmt.Sprintf("goodput by scenario (%s)", d)
+	p.Y.Label.Text = "Mbit/s"
+	w := vg.Points(60 / float64(len(impls)))
+	for j, impl := range impls {
+		vals := make(plotter.Values, len(scenarios))
+		for i, sc := range scenarios {
+			for _, r := range runs {
+				if r.ScenarioID == sc.ID && r.Impl == impl && r.Dir == d {
+					vals[i] = r.GoodputMbit
+				}
+			}
+		}
+		bars, err := plotter.NewBarChart(vals, w)
+		if err != nil {
+			return "", fmt.Errorf("bar chart: %w", err)
+		}
+		bars.Color = plotutil.Color(j)
+		bars.LineStyle.Width = 0
+		bars.Offset = w * vg.Length(float64(j)-float64(len(impls)-1)/2)
+		p.Add(bars)
+		p.Legend.Add(impl, bars)
+	}
+	// Ideal: the sum of path rates.
+	ideal := make(plotter.XYs, len(scenarios))
+	var names []string
+	for i, sc := range scenarios {
+		ideal[i].X, ideal[i].Y = float64(i), sc.pathRate()/1e6
+		names = append(names, sc.String())
+	}
+	sp, err := plotter.NewScatter(ideal)
+	if err != nil {
+		return "", fmt.Errorf("scatter: %w", err)
+	}
+	sp.Color = color.Black
+	p.Add(sp)
+	p.Legend.Add("sum of path rates", sp)
+	p.Legend.Top = true
+	p.NominalX(names...)
+	name := fmt.Sprintf("summary-%s.png", d)
+	if err := p.Save(11*vg.Inch, 5*vg.Inch, filepath.Join(dir, name)); err != nil {
+		return "", fmt.Errorf("save %s: %w", name, err)
+	}
+	return name, nil
+}

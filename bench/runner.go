@@ -1,0 +1,195 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/mptun/mptun/lab"
+)
+
+// Run is the measurement of one implementation, scenario and direction.
+type Run struct {
+	ScenarioID int       `json:"scenario_id"`
+	Scenario   string    `json:"scenario"`
+	Impl       string    `json:"impl"`
+	Dir        Direction `json:"dir"`
+	// GoodputMbit is iperf3's receiver-side rate.
+	GoodputMbit float64 `json:"goodput_mbit"`
+	// Ratio is goodput over the sum of the path rates.
+	Ratio float64 `json:"ratio"`
+	// Shares are the paths' fractions of the wire bytes in this direction.
+	Shares []float64 `json:"shares"`
+	// Retrans counts TCP segments (subflows included) the sender retransmitted.
+	Retrans uint64 `json:"retrans"`
+	// CPUPerGbit is machine-wide busy CPU seconds, minus this process (the
+	// emulators), per Gbit of goodput. Noisy on a shared machine.
+	CPUPerGbit float64 `json:"cpu_s_per_gbit"`
+	// BelowHalf is, for outage scenarios, the time the total throughput
+	// spent below half of the surviving paths' rate during the outage.
+	BelowHalf *float64 `json:"below_half_s,omitempty"`
+	Timeline  Timeline `json:"timeline"`
+	Raw       string   `json:"raw,omitempty"`
+	Err       string   `json:"error,omitempty"`
+}
+
+// runner executes scenarios and writes raw outputs into dir.
+type runner struct {
+	dir      string
+	log      *slog.Logger
+	progress io.Writer
+	dirs     []Direction
+	// implFilter keeps only implementations whose name it accepts (nil: all).
+	implFilter func(string) bool
+}
+
+func (r *runner) scenario(ctx context.Context, sc Scenario) ([]Run, error) {
+	var runs []Run
+	for _, impl := range implementations(sc) {
+		if r.implFilter != nil && !r.implFilter(impl.Name) {
+			continue
+		}
+		got, err := r.impl(ctx, sc, impl)
+		runs = append(runs, got...)
+		if err != nil {
+			return runs, err
+		}
+	}
+	return runs, nil
+}
+
+// impl runs both directions of one implementation on a fresh topology, so
+// that no implementation's setup leaks into another's measurement.
+func (r *runner) impl(ctx context.Context, sc Scenario, impl Impl) ([]Run, error) {
+	topo, err := lab.New(ctx, lab.Spec{Prefix: "mtl", Paths: sc.Paths, Logger: r.log})
+	if err != nil {
+		return nil, fmt.Errorf("scenario %v: %w", sc, err)
+	}
+	defer func() {
+		if err := topo.Close(); err != nil {
+			r.log.Error("topology close", "err", err)
+		}
+	}()
+	if impl.Setup != nil {
+		if err := impl.Setup(ctx, topo); err != nil {
+			return nil, fmt.Errorf("%s setup: %w", impl.Name, err)
+		}
+	}
+	var runs []Run
+	for _, dir := range r.dirs {
+		if ctx.Err() != nil {
+			return runs, ctx.Err()
+		}
+		run := r.transfer(ctx, topo, sc, impl, dir)
+		fmt.Fprintf(r.progress, "  %-14s %-4s %7.1f Mbit/s (%3.0f%% of %.0f) shares %s retrans %d%s%s\n",
+			impl.Name, dir, run.GoodputMbit, run.Ratio*100, sc.pathRate()/1e6, fmtShares(run.Shares), run.Retrans,
+			fmtBelow(run.BelowHalf), fmtErr(run.Err))
+		runs = append(runs, run)
+	}
+	return runs, nil
+}
+
+func (r *runner) transfer(ctx context.Context, topo *lab.Topology, sc Scenario, impl Impl, dir Direction) Run {
+	run := Run{ScenarioID: sc.ID, Scenario: sc.Name, Impl: impl.Name, Dir: dir}
+	fail := func(err error) Run { run.Err = err.Error(); return run }
+	sender := topo.Client
+	if dir == Download {
+		sender = topo.Server
+	}
+	re0, err := retransSegs(sender)
+	if err != nil {
+		return fail(err)
+	}
+	busy0, err1 := cpuBusy()
+	self0, err2 := selfCPU()
+	if err := errors.Join(err1, err2); err != nil {
+		return fail(err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, sc.Duration+60*time.Second)
+	defer cancel()
+	sctx, stopSampling := context.WithCancel(tctx)
+	start := topo.StartClock()
+	type sampled struct {
+		s   []Sample
+		err error
+	}
+	sc1 := make(chan sampled, 1)
+	go func() {
+		s, err := sampleCounters(sctx, topo, start, 100*time.Millisecond)
+		sc1 <- sampled{s, err}
+	}()
+	raw, terr := impl.Transfer(tctx, Env{Topo: topo, Scenario: sc, Dir: dir, Duration: sc.Duration, Port: 5201})
+	stopSampling()
+	smp := <-sc1
+	busy1, err1 := cpuBusy()
+	self1, err2 := selfCPU()
+	re1, err3 := retransSegs(sender)
+	if len(raw) > 0 {
+		name := fmt.Sprintf("s%d-%s-%s.json", sc.ID, impl.Name, dir)
+		if err := os.WriteFile(filepath.Join(r.dir, "raw", name), raw, 0o644); err != nil {
+			return fail(fmt.Errorf("save raw: %w", err))
+		}
+		run.Raw = "raw/" + name
+	}
+	if err := errors.Join(terr, smp.err, err1, err2, err3); err != nil {
+		return fail(err)
+	}
+	res, err := parseIperf(raw)
+	if err != nil {
+		return fail(err)
+	}
+	run.GoodputMbit = res.End.SumReceived.BitsPerSecond / 1e6
+	if pr := sc.pathRate(); pr > 0 {
+		run.Ratio = res.End.SumReceived.BitsPerSecond / pr
+	}
+	run.Shares = shares(smp.s, dir)
+	run.Timeline = timeline(smp.s, dir)
+	run.Retrans = re1 - re0
+	if gbit := res.End.SumReceived.Bytes * 8 / 1e9; gbit > 0 {
+		run.CPUPerGbit = max(0, (busy1-busy0-(self1-self0)).Seconds()) / gbit
+	}
+	if pi, o, ok := sc.outage(); ok {
+		var surviving float64
+		for i, p := range sc.Paths {
+			if i != pi {
+				surviving += float64(p.Rate) / 1e6
+			}
+		}
+		b := belowHalf(run.Timeline, o.Start, o.Start+o.Duration, surviving).Seconds()
+		run.BelowHalf = &b
+	}
+	return run
+}
+
+func fmtShares(s []float64) string {
+	out := ""
+	for i, v := range s {
+		if i > 0 {
+			out += "/"
+		}
+		out += fmt.Sprintf("%.0f", v*100)
+	}
+	if out == "" {
+		return "-"
+	}
+	return out
+}
+
+func fmtBelow(b *float64) string {
+	if b == nil {
+		return ""
+	}
+	return fmt.Sprintf(" below-50%% %.1fs", *b)
+}
+
+func fmtErr(e string) string {
+	if e == "" {
+		return ""
+	}
+	return " ERROR: " + e
+}

@@ -40,8 +40,15 @@ type Path struct {
 	Outages    []linkemu.Outage
 }
 
+// Params are the emulator settings of one direction of the path.
+func (p Path) Params() linkemu.Params {
+	return linkemu.Params{Delay: p.Delay, Jitter: p.Jitter, Loss: p.Loss, Rate: p.Rate, QueueBytes: p.QueueBytes, Outages: p.Outages}
+}
+
 func (p Path) params(seed uint64) linkemu.Params {
-	return linkemu.Params{Delay: p.Delay, Jitter: p.Jitter, Loss: p.Loss, Rate: p.Rate, QueueBytes: p.QueueBytes, Outages: p.Outages, Seed: seed}
+	pp := p.Params()
+	pp.Seed = seed
+	return pp
 }
 
 // Spec declares a topology.
@@ -249,7 +256,44 @@ func (t *Topology) build(ctx context.Context, spec Spec) error {
 		return err
 	}
 	t.clientNL = h
-	return t.startEmulators(ctx)
+	if err := t.startEmulators(ctx); err != nil {
+		return err
+	}
+	return t.waitUp(ctx)
+}
+
+// waitUp waits until every path interface reports carrier, so the first
+// packets of a test are not lost to links still coming up.
+func (t *Topology) waitUp(ctx context.Context) error {
+	srvNL, err := t.netlinkHandle(t.Server)
+	if err != nil {
+		return err
+	}
+	defer srvNL.Close()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for _, p := range t.Paths {
+		for _, x := range []struct {
+			h   *netlink.Handle
+			dev string
+		}{{t.clientNL, p.ClientIf}, {srvNL, p.ServerIf}} {
+			for {
+				l, err := x.h.LinkByName(x.dev)
+				if err != nil {
+					return fmt.Errorf("lab: link %s: %w", x.dev, err)
+				}
+				if l.Attrs().OperState == netlink.OperUp {
+					break
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("lab: %s of path %d not up (%v): %w", x.dev, p.Index, l.Attrs().OperState, ctx.Err())
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // DisableOffloads turns off segmentation, GRO and checksum offloads of dev

@@ -243,6 +243,12 @@ type txMapping struct {
 	SSN uint32
 	DSN uint64
 	Len int
+	// Sum is the ones'-complement sum of the mapping's data (for the DSS
+	// checksum; zero when checksums are off).
+	Sum uint16
+	// sealed: the mapping went out in a DSS option, so it must never grow
+	// (a peer rejects a different mapping for bytes it already holds).
+	sealed bool
 }
 
 func (m txMapping) end() uint32 { return m.SSN + uint32(m.Len) }
@@ -283,6 +289,12 @@ func (t *txMappings) Next() uint32 { return t.next }
 // Next(); otherwise it returns ErrNonContiguous. Contiguous data (in SSN
 // and DSN) extends the last mapping up to maxMappingLen.
 func (t *txMappings) Add(ssn uint32, dsn uint64, n int) error {
+	return t.AddSum(ssn, dsn, n, 0)
+}
+
+// AddSum is Add for data whose ones'-complement sum is sum. A mapping that
+// was already announced (Seal) is never extended.
+func (t *txMappings) AddSum(ssn uint32, dsn uint64, n int, sum uint16) error {
 	if ssn != t.next {
 		return fmt.Errorf("SSN %d, expected %d: %w", ssn, t.next, ErrNonContiguous)
 	}
@@ -292,12 +304,11 @@ func (t *txMappings) Add(ssn uint32, dsn uint64, n int) error {
 	t.next += uint32(n)
 	if k := len(t.maps); k > t.head {
 		last := &t.maps[k-1]
-		if last.end() == ssn && last.DSN+uint64(last.Len) == dsn && last.Len < maxMappingLen {
-			c := min(n, maxMappingLen-last.Len)
-			last.Len += c
-			ssn += uint32(c)
-			dsn += uint64(c)
-			n -= c
+		// Only whole chunks extend a mapping, so its sum stays exact.
+		if !last.sealed && last.end() == ssn && last.DSN+uint64(last.Len) == dsn && last.Len+n <= maxMappingLen {
+			last.Sum = combineAt(last.Sum, sum, last.Len)
+			last.Len += n
+			return nil
 		}
 	}
 	for n > 0 {
@@ -308,12 +319,68 @@ func (t *txMappings) Add(ssn uint32, dsn uint64, n int) error {
 			t.last = max(t.last-t.head, 0)
 			t.head = 0
 		}
-		t.maps = append(t.maps, txMapping{SSN: ssn, DSN: dsn, Len: c})
+		m := txMapping{SSN: ssn, DSN: dsn, Len: c}
+		if c == n {
+			m.Sum = sum
+		}
+		t.maps = append(t.maps, m)
 		ssn += uint32(c)
 		dsn += uint64(c)
 		n -= c
 	}
 	return nil
+}
+
+// combineAt adds the sum b of bytes that start at offset off after data
+// whose sum is a (a byte swap when off is odd, RFC 1071).
+func combineAt(a, b uint16, off int) uint16 {
+	if off%2 == 1 {
+		b = b>>8 | b<<8
+	}
+	s := uint32(a) + uint32(b)
+	s = s&0xffff + s>>16
+	return uint16(s&0xffff + s>>16)
+}
+
+// Seal marks the mapping covering ssn as announced.
+func (t *txMappings) Seal(ssn uint32) {
+	if t.last >= t.head && t.last < len(t.maps) && covers(t.maps[t.last].SSN, t.maps[t.last].Len, ssn) {
+		t.maps[t.last].sealed = true
+		return
+	}
+	for i := t.head; i < len(t.maps); i++ {
+		if covers(t.maps[i].SSN, t.maps[i].Len, ssn) {
+			t.maps[i].sealed = true
+			return
+		}
+	}
+}
+
+// Truncate forgets bytes from SSN end on (a short write into gVisor: they
+// were never handed to TCP).
+func (t *txMappings) Truncate(end uint32) {
+	if !ssnLT(end, t.next) {
+		return
+	}
+	t.next = end
+	for k := len(t.maps); k > t.head; k-- {
+		m := &t.maps[k-1]
+		if ssnLEQ(m.end(), end) {
+			break
+		}
+		if ssnLEQ(end, m.SSN) {
+			t.maps = t.maps[:k-1]
+			continue
+		}
+		// A partly kept mapping was never announced beyond end, and
+		// checksums need exact sums: the caller writes whole chunks, so
+		// this only happens without checksums.
+		m.Len = int(end - m.SSN)
+		break
+	}
+	if t.last >= len(t.maps) {
+		t.last = max(len(t.maps)-1, t.head)
+	}
 }
 
 // Find returns the mapping covering subflow byte ssn, for the DSS option

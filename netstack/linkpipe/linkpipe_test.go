@@ -326,3 +326,37 @@ func TestCloseStopsGoroutines(t *testing.T) {
 	require.Equal(t, uint64(5), st.Rx.DroppedOther+st.Rx.DroppedQueue)
 	require.Zero(t, rec.count())
 }
+
+// TestRawRateAccuracy offers packets faster than the rate, with a queue
+// large enough never to drop, and checks the delivered rate: this is the
+// link's own accuracy, independent of a TCP sender's ability to fill it.
+func TestRawRateAccuracy(t *testing.T) {
+	tests := []struct {
+		name string
+		rate int64
+	}{
+		{name: "50 Mbit/s", rate: 50_000_000},
+		{name: "400 Mbit/s", rate: 400_000_000},
+		{name: "1 Gbit/s", rate: 1_000_000_000},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			const size = 1500
+			// 200 ms worth of packets.
+			n := int(tc.rate / 8 / size / 5)
+			a, _, rec := newRecordedLink(t, Config{AtoB: Direction{RateBps: tc.rate, QueueBytes: 1 << 30}})
+			start := time.Now()
+			sendSeq(t, a, 0, uint32(n), size)
+			require.Eventually(t, func() bool { return rec.count() == n }, 5*time.Second, time.Millisecond)
+			got := rec.arrivals()
+			elapsed := got[n-1].at.Sub(start)
+			measured := float64(n*size*8) / elapsed.Seconds()
+			t.Logf("set %d, measured %.0f bit/s", tc.rate, measured)
+			// The shaper must never exceed the rate.
+			require.LessOrEqual(t, measured, float64(tc.rate)*1.02)
+			if !raceEnabled {
+				require.InEpsilon(t, float64(tc.rate), measured, 0.05)
+			}
+		})
+	}
+}

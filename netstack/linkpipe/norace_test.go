@@ -1,0 +1,5 @@
+//go:build !race
+
+package linkpipe
+
+const raceEnabled = false

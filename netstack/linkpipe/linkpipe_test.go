@@ -189,15 +189,19 @@ func TestQueueTailDrop(t *testing.T) {
 	sendSeq(t, a, 0, 100, 1000)
 	st := a.Stats().Tx
 	require.Equal(t, uint64(100), st.SentPackets)
-	require.InDelta(t, 89, float64(st.DroppedQueue), 1)
+	// About 89 drops when the burst is instant; fewer if the sender is slow
+	// (race detector) and the queue drains meanwhile.
+	require.LessOrEqual(t, st.DroppedQueue, uint64(90))
+	require.GreaterOrEqual(t, st.DroppedQueue, uint64(50))
 	accepted := 100 - int(st.DroppedQueue)
 	require.Eventually(t, func() bool { return rec.count() == accepted }, 5*time.Second, time.Millisecond)
 	got := rec.arrivals()
 	// The last accepted packet leaves the transmitter after accepted ms.
 	require.GreaterOrEqual(t, got[len(got)-1].at.Sub(start), time.Duration(accepted)*time.Millisecond)
-	for i, g := range got {
-		require.Equal(t, uint32(i), g.seq)
+	for i := 1; i < len(got); i++ {
+		require.Greater(t, got[i].seq, got[i-1].seq, "tail drop must keep order")
 	}
+	require.Equal(t, uint32(0), got[0].seq)
 }
 
 func TestSetDownDropsInFlight(t *testing.T) {

@@ -1,0 +1,786 @@
+package mptcpep
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	tcpheader "gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/netstack"
+)
+
+// Conn is an MPTCP connection (the meta-socket). It implements net.Conn
+// with half-close (CloseWrite). All protocol state is guarded by mu; gVisor
+// endpoints are only ever called without mu held, because gVisor calls the
+// option layer (which takes mu) under its own endpoint locks.
+type Conn struct {
+	e      *Endpoint
+	active bool
+	port   uint16 // the peer's port of the initial subflow (joins use it)
+
+	done     chan struct{} // closed when the connection is finished
+	kick     chan struct{} // wakes the run goroutine
+	pmCh     chan struct{} // wakes the path manager
+	doneOnce sync.Once
+	wg       sync.WaitGroup
+
+	mu             sync.Mutex
+	notify         chan struct{} // closed and replaced to wake waiters
+	localKey       Key
+	remoteKey      Key
+	remoteKeyKnown bool
+	localToken     uint32
+	remoteToken    uint32
+	localIDSN      uint64
+	remoteIDSN     uint64
+	csum           bool
+	peerConfirmed  bool
+	fallback       bool
+	fb             *fallbackConn
+
+	snd          *sendBuffer
+	sndNxt       uint64
+	sndEdge      uint64 // right edge of the peer's connection-level window
+	reinjectQ    []span
+	writeClosed  bool
+	finDSN       uint64
+	finAcked     bool
+	finTxAt      time.Time
+	finTries     int
+	lastProgress time.Time // DATA_ACK last moved (or data first outstanding)
+	lastReinject uint64
+
+	rcv           *reassembly
+	rcvBuf        int
+	readClosed    bool
+	lastDataAckTx uint64
+	ackDueAt      time.Time
+	lastRxSf      *subflow
+	peerFinAcked  bool
+
+	subflows    []*subflow
+	remoteAddrs map[uint8]remoteAddr
+	pendingEcho []header.AddAddr
+	announced   map[uint8]*announcement
+	actions     []func()
+	err         error
+	aborted     bool
+	mpcAckTries int
+	mpcAckAt    time.Time
+
+	readDeadline, writeDeadline time.Time
+
+	stats connCounters
+}
+
+type remoteAddr struct {
+	id      uint8
+	addr    netip.AddrPort
+	removed bool
+}
+
+type announcement struct {
+	opt   header.AddAddr
+	tries int
+	at    time.Time
+	acked bool
+}
+
+type connCounters struct {
+	bytesSent, bytesReceived uint64
+	reinjected               uint64
+}
+
+var (
+	// ErrClosed is returned by operations on a closed connection.
+	ErrClosed = net.ErrClosed
+	// ErrReset reports a connection reset by the peer (RST on every
+	// subflow or MP_FASTCLOSE).
+	ErrReset = errors.New("mptcp: connection reset by peer")
+	// ErrFastclose reports a connection aborted with MP_FASTCLOSE.
+	ErrFastclose = errors.New("mptcp: connection fast-closed by peer")
+	// ErrNoSubflow reports that every subflow failed.
+	ErrNoSubflow = errors.New("mptcp: all subflows failed")
+)
+
+func newConn(e *Endpoint, active bool) *Conn {
+	c := &Conn{
+		e:           e,
+		active:      active,
+		done:        make(chan struct{}),
+		kick:        make(chan struct{}, 1),
+		pmCh:        make(chan struct{}, 1),
+		notify:      make(chan struct{}),
+		rcvBuf:      e.cfg.ReceiveBuffer,
+		remoteAddrs: make(map[uint8]remoteAddr),
+		announced:   make(map[uint8]*announcement),
+	}
+	return c
+}
+
+// setKeyLocked installs the local key and derives what follows from it.
+func (c *Conn) setLocalKey(k Key) {
+	c.localKey = k
+	c.localToken, c.localIDSN = k.TokenIDSN()
+	c.snd = newSendBuffer(c.localIDSN+1, c.e.cfg.SendBuffer)
+	c.sndNxt = c.localIDSN + 1
+	c.sndEdge = c.sndNxt + 65535
+	c.finDSN = 0
+}
+
+func (c *Conn) setRemoteKeyLocked(k Key) {
+	if c.remoteKeyKnown {
+		return
+	}
+	c.remoteKey = k
+	c.remoteKeyKnown = true
+	c.remoteToken, c.remoteIDSN = k.TokenIDSN()
+	c.rcv = newReassembly(c.remoteIDSN+1, c.rcvBuf)
+	c.lastDataAckTx = c.remoteIDSN + 1
+}
+
+func (c *Conn) rcvWindow() int { return c.rcvBuf }
+
+func (c *Conn) isDone() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitCh returns a channel closed at the next state change (call with mu).
+func (c *Conn) waitCh() chan struct{} { return c.notify }
+
+// wakeLocked wakes everybody waiting on waitCh.
+func (c *Conn) wakeLocked() {
+	close(c.notify)
+	c.notify = make(chan struct{})
+}
+
+func (c *Conn) kickLocked() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (c *Conn) pmKick() {
+	select {
+	case c.pmCh <- struct{}{}:
+	default:
+	}
+}
+
+func (c *Conn) hasPendingData() bool {
+	return len(c.reinjectQ) > 0 || (c.snd != nil && dsnLT(c.sndNxt, c.snd.End()))
+}
+
+// start launches the connection's goroutines once the initial subflow is
+// established.
+func (c *Conn) start() {
+	c.e.MIB.ConnsEstablished.Add(1)
+	c.e.MIB.SubflowsEstablished.Add(1)
+	c.mu.Lock()
+	c.lastProgress = time.Now()
+	sfs := append([]*subflow(nil), c.subflows...)
+	c.mu.Unlock()
+	c.wg.Add(2)
+	go func() { defer c.wg.Done(); c.run() }()
+	go func() { defer c.wg.Done(); c.pathManager() }()
+	for _, sf := range sfs {
+		c.startReader(sf)
+	}
+}
+
+func (c *Conn) startReader(sf *subflow) {
+	c.mu.Lock()
+	if sf.readerStarted || sf.ep == nil || sf.wq == nil {
+		c.mu.Unlock()
+		return
+	}
+	sf.readerStarted = true
+	c.mu.Unlock()
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		sf.reader()
+	}()
+}
+
+// deliver places bytes read from a subflow by the peer's mappings.
+func (c *Conn) deliver(sf *subflow, b []byte) {
+	mib := &c.e.MIB
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sf.bytesRx += uint64(len(b))
+	c.stats.bytesReceived += uint64(len(b))
+	for len(b) > 0 {
+		dsn, n, ok := sf.rx.Lookup(sf.readSSN)
+		if !ok {
+			mib.DSSNoMapping.Add(1)
+			if sf.initial && !c.peerConfirmed && len(c.subflows) == 1 {
+				// A peer that never sent a DSS fell back to TCP (RFC 8684
+				// 3.7): the stream continues at the DSN the subflow
+				// offset implies.
+				dsn, n = c.remoteIDSN+uint64(sf.readSSN), len(b)
+			} else {
+				// Data we cannot place: drop it; the peer reinjects it
+				// when the DATA_ACK does not cover it.
+				sf.readSSN += uint32(len(b))
+				sf.rx.Consume(sf.readSSN)
+				return
+			}
+		}
+		k := min(n, len(b))
+		if m, ok := sf.rx.Find(sf.readSSN); ok && m.HasCsum && c.csum {
+			if !sf.checksumStep(m, b[:k]) {
+				mib.DSSChecksumFail.Add(1)
+				c.mpFailOutLocked(sf, m.DSN)
+			}
+		}
+		if _, err := c.rcv.Insert(dsn, b[:k]); err != nil {
+			switch {
+			case errors.Is(err, ErrBeyondWindow):
+				mib.WindowDropBytes.Add(uint64(k))
+			case errors.Is(err, ErrTooManySegments):
+				mib.OFOSegmentDrops.Add(1)
+			}
+		}
+		sf.readSSN += uint32(k)
+		b = b[k:]
+	}
+	sf.rx.Consume(sf.readSSN)
+	c.lastRxSf = sf
+	if c.rcv.RcvNxt() != c.lastDataAckTx && c.ackDueAt.IsZero() {
+		c.ackDueAt = time.Now().Add(time.Millisecond)
+		c.kickLocked()
+	}
+	c.wakeLocked()
+}
+
+// checksumStep accumulates the DSS checksum of the mapping m over b and
+// reports false when the mapping is complete and its checksum is wrong.
+func (sf *subflow) checksumStep(m rxMapping, b []byte) bool {
+	if sf.csumMap.SSN != m.SSN || sf.csumMap.DSN != m.DSN || sf.csumMap.Len != m.Len {
+		sf.csumMap = m
+		sf.csumSum = 0
+		sf.csumOff = 0
+	}
+	s := uint32(checksum.Checksum(b, 0))
+	if sf.csumOff%2 == 1 {
+		s = uint32(uint16(s)>>8 | uint16(s)<<8)
+	}
+	sf.csumSum += s
+	sf.csumOff += len(b)
+	if sf.csumOff < m.Len {
+		return true
+	}
+	for sf.csumSum > 0xffff {
+		sf.csumSum = sf.csumSum&0xffff + sf.csumSum>>16
+	}
+	l := uint16(m.Len)
+	if m.DataFin {
+		l++
+	}
+	ok := header.DSSChecksum(m.DSN, m.SSN, l, uint16(sf.csumSum)) == m.Checksum
+	sf.csumMap = rxMapping{}
+	return ok
+}
+
+// dssInLocked processes an incoming DSS option.
+func (c *Conn) dssInLocked(sf *subflow, seg *netstack.Segment, d *header.DSS) {
+	mib := &c.e.MIB
+	mib.DSSRX.Add(1)
+	if !c.remoteKeyKnown {
+		return
+	}
+	c.peerConfirmed = true
+	if d.HasDataAck {
+		mib.DataAckRX.Add(1)
+		ack := d.DataAck
+		if !d.DataAck64 {
+			ack = expandDSN32(uint32(ack), c.snd.Una())
+		}
+		c.dataAckLocked(sf, ack, seg.Window)
+	}
+	if !d.HasMapping {
+		return
+	}
+	dsn := d.DSN
+	if !d.DSN64 {
+		dsn = expandDSN32(uint32(dsn), c.rcv.RcvNxt())
+	}
+	n := int(d.DataLen)
+	if d.DataFin {
+		mib.DataFinRX.Add(1)
+		if n == 0 {
+			mib.DSSMappingDropped.Add(1)
+			return
+		}
+		n--
+		if err := c.rcv.SetFin(dsn + uint64(n)); err != nil {
+			mib.DSSMappingDropped.Add(1)
+		} else {
+			c.ackDueAt = time.Now()
+			c.kickLocked()
+			c.wakeLocked()
+		}
+	}
+	if n > 0 && d.SSN != 0 {
+		sf.addRxMapping(rxMapping{SSN: d.SSN, DSN: dsn, Len: n, DataFin: d.DataFin, HasCsum: d.HasChecksum, Checksum: d.Checksum})
+	}
+}
+
+// dataAckLocked processes a DATA_ACK and the window that came with it.
+func (c *Conn) dataAckLocked(sf *subflow, ack uint64, wnd uint16) {
+	mib := &c.e.MIB
+	if !c.writeClosed || dsnLT(ack, c.finDSN+1) {
+		if _, err := c.snd.Ack(ack); err != nil {
+			mib.DataAckInvalid.Add(1)
+			return
+		}
+	} else {
+		if _, err := c.snd.Ack(c.finDSN); err != nil {
+			mib.DataAckInvalid.Add(1)
+			return
+		}
+		if !c.finAcked {
+			c.finAcked = true
+			c.wakeLocked()
+			c.kickLocked()
+		}
+	}
+	una := c.snd.Una()
+	if dsnLT(c.lastReinject, una) || c.lastReinject == 0 {
+		c.lastProgress = time.Now()
+	}
+	if dsnLT(c.sndNxt, una) {
+		c.sndNxt = una
+	}
+	edge := ack + uint64(wnd)<<sf.peerWScale
+	if dsnLT(c.sndEdge, edge) {
+		c.sndEdge = edge
+		c.kickLocked()
+	}
+	c.wakeLocked()
+}
+
+// subflowFailed retires a subflow whose TCP connection ended and queues
+// its unacknowledged data for reinjection on the others.
+func (c *Conn) subflowFailed(sf *subflow, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if sf.state == sfClosed {
+		return
+	}
+	sf.state = sfClosed
+	sf.err = err
+	sf.readerDone = true
+	c.e.MIB.SubflowsClosed.Add(1)
+	if !errors.Is(err, errSubflowEOF) {
+		c.e.MIB.SubflowErrors.Add(1)
+	}
+	c.reinjectLocked(sf)
+	c.e.st.Mux.Unregister(sf.tuple)
+	c.actions = append(c.actions, func() { sf.ep.Close() })
+	live := 0
+	for _, s := range c.subflows {
+		if s.state != sfClosed {
+			live++
+		}
+	}
+	if live == 0 {
+		switch {
+		case c.rcv != nil && c.rcv.EOF() && (!c.writeClosed || c.finAcked):
+			c.finishLocked(nil)
+		case sf.rstReason >= 0 || c.aborted:
+			c.finishLocked(ErrReset)
+		default:
+			// The path manager may bring a subflow back (an uplink that
+			// returns); give it a while before declaring the connection
+			// dead.
+			c.actions = append(c.actions, func() { c.pmKick() })
+		}
+	}
+	c.kickLocked()
+	c.pmKick()
+	c.wakeLocked()
+}
+
+// reinjectLocked queues what sf carried and the peer did not DATA_ACK.
+func (c *Conn) reinjectLocked(sf *subflow) {
+	una := c.snd.Una()
+	for _, s := range sf.tx.Unacked() {
+		end := s.DSN + uint64(s.Len)
+		if dsnLEQ(end, una) {
+			continue
+		}
+		if dsnLT(s.DSN, una) {
+			s.Len -= int(una - s.DSN)
+			s.DSN = una
+		}
+		c.reinjectQ = append(c.reinjectQ, s)
+	}
+}
+
+// finishLocked ends the connection with err (nil: orderly).
+func (c *Conn) finishLocked(err error) {
+	if c.err == nil {
+		if err == nil {
+			err = io.EOF
+		}
+		c.err = err
+	}
+	c.doneOnce.Do(func() { close(c.done) })
+	c.wakeLocked()
+}
+
+func (c *Conn) fastclosedLocked() {
+	c.aborted = true
+	for _, sf := range c.subflows {
+		if sf.state != sfClosed {
+			sf.state = sfClosed
+			ep := sf.ep
+			c.e.st.Mux.Unregister(sf.tuple)
+			if ep != nil {
+				c.actions = append(c.actions, func() { ep.Abort() })
+			}
+		}
+	}
+	c.finishLocked(ErrFastclose)
+	c.kickLocked()
+}
+
+// resetSubflowLocked resets a subflow that failed MPTCP validation: an RST
+// with MP_TCPRST answers the offending segment.
+func (c *Conn) resetSubflowLocked(sf *subflow, reason uint8, seg *netstack.Segment) {
+	c.e.MIB.MPRstTX.Add(1)
+	sf.state = sfClosed
+	sf.err = fmt.Errorf("subflow %v: reset: MPTCP error", sf.tuple)
+	opt := make([]byte, header.MPTCPRstLen)
+	header.MPTCPRst{Reason: reason}.Encode(opt)
+	via, ipv6, t := seg.Via, seg.IPv6(), sf.tuple
+	seq, ack := seg.Ack, seg.Seq+uint32(seg.PayloadLen)
+	if seg.SYN() {
+		ack++
+	}
+	c.e.st.Mux.Unregister(sf.tuple)
+	ep := sf.ep
+	c.actions = append(c.actions, func() {
+		_ = via.SendRaw(ipv6, t, seq, ack, rstAck, 0, opt)
+		if ep != nil {
+			ep.Abort()
+		}
+	})
+	c.kickLocked()
+}
+
+// Read implements net.Conn.
+func (c *Conn) Read(p []byte) (int, error) {
+	if c.fb != nil {
+		return c.fb.Read(p)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		if c.fallback && c.fb != nil {
+			c.mu.Unlock()
+			n, err := c.fb.Read(p)
+			c.mu.Lock()
+			return n, err
+		}
+		if c.rcv.Readable() > 0 {
+			n := c.rcv.Read(p)
+			c.stats.bytesSent += 0
+			c.wakeLocked() // room for the subflow readers
+			return n, nil
+		}
+		if c.rcv.EOF() {
+			return 0, io.EOF
+		}
+		if c.err != nil {
+			if c.err == io.EOF {
+				return 0, io.EOF
+			}
+			return 0, c.err
+		}
+		if c.readClosed {
+			return 0, ErrClosed
+		}
+		if err := c.waitLocked(c.readDeadline); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// waitLocked waits for a state change or the deadline.
+func (c *Conn) waitLocked(deadline time.Time) error {
+	w := c.notify
+	c.mu.Unlock()
+	defer c.mu.Lock()
+	if deadline.IsZero() {
+		<-w
+		return nil
+	}
+	d := time.Until(deadline)
+	if d <= 0 {
+		return os.ErrDeadlineExceeded
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-w:
+		return nil
+	case <-t.C:
+		return os.ErrDeadlineExceeded
+	}
+}
+
+// Write implements net.Conn.
+func (c *Conn) Write(p []byte) (int, error) {
+	if c.fb != nil {
+		return c.fb.Write(p)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	total := 0
+	for len(p) > 0 {
+		if c.writeClosed {
+			return total, ErrClosed
+		}
+		if c.err != nil {
+			if c.err == io.EOF {
+				return total, ErrClosed
+			}
+			return total, c.err
+		}
+		if n := c.snd.Write(p); n > 0 {
+			total += n
+			p = p[n:]
+			c.stats.bytesSent += uint64(n)
+			c.kickLocked()
+			continue
+		}
+		if err := c.waitLocked(c.writeDeadline); err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+// CloseWrite sends a DATA_FIN once everything written has been sent.
+func (c *Conn) CloseWrite() error {
+	if c.fb != nil {
+		return c.fb.CloseWrite()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.writeClosed {
+		return nil
+	}
+	c.writeClosed = true
+	c.finDSN = c.snd.End()
+	c.kickLocked()
+	return nil
+}
+
+// CloseRead stops delivering data to the application.
+func (c *Conn) CloseRead() error {
+	c.mu.Lock()
+	c.readClosed = true
+	c.wakeLocked()
+	c.mu.Unlock()
+	return nil
+}
+
+// Close closes both directions; the connection finishes its DATA_FIN
+// exchange in the background (bounded by a timeout), then closes its
+// subflows.
+func (c *Conn) Close() error {
+	if c.fb != nil {
+		return c.fb.Close()
+	}
+	_ = c.CloseWrite()
+	c.mu.Lock()
+	c.readClosed = true
+	c.wakeLocked()
+	c.mu.Unlock()
+	go func() {
+		t := time.NewTimer(30 * time.Second)
+		defer t.Stop()
+		select {
+		case <-c.done:
+		case <-t.C:
+			c.Abort()
+		}
+	}()
+	return nil
+}
+
+// Abort resets the connection at once with MP_FASTCLOSE on every subflow.
+func (c *Conn) Abort() {
+	if c.fb != nil {
+		c.fb.Abort()
+		return
+	}
+	c.mu.Lock()
+	if c.isDone() {
+		c.mu.Unlock()
+		return
+	}
+	c.aborted = true
+	var fc []byte
+	if c.remoteKeyKnown {
+		fc = make([]byte, header.MPFastcloseLen)
+		header.MPFastclose{ReceiverKey: uint64(c.remoteKey)}.Encode(fc)
+	}
+	var eps []tcpip.Endpoint
+	for _, sf := range c.subflows {
+		if sf.state == sfClosed {
+			continue
+		}
+		if fc != nil && sf.issKnown {
+			if err := c.e.st.Mux.SendRST(sf.tuple, fc); err == nil {
+				c.e.MIB.MPFastcloseTX.Add(1)
+			}
+		}
+		sf.state = sfClosed
+		c.e.st.Mux.Unregister(sf.tuple)
+		if sf.ep != nil {
+			eps = append(eps, sf.ep)
+		}
+	}
+	c.finishLocked(ErrClosed)
+	c.mu.Unlock()
+	for _, ep := range eps {
+		ep.Abort()
+	}
+	c.wg.Wait()
+	c.e.forget(c)
+}
+
+// LocalAddr implements net.Conn (the initial subflow's address).
+func (c *Conn) LocalAddr() net.Addr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.subflows) == 0 {
+		return nil
+	}
+	return net.TCPAddrFromAddrPort(c.subflows[0].tuple.Local)
+}
+
+// RemoteAddr implements net.Conn.
+func (c *Conn) RemoteAddr() net.Addr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.subflows) == 0 {
+		return nil
+	}
+	return net.TCPAddrFromAddrPort(c.subflows[0].tuple.Remote)
+}
+
+// SetDeadline implements net.Conn.
+func (c *Conn) SetDeadline(t time.Time) error {
+	_ = c.SetReadDeadline(t)
+	return c.SetWriteDeadline(t)
+}
+
+// SetReadDeadline implements net.Conn.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if c.fb != nil {
+		return c.fb.SetReadDeadline(t)
+	}
+	c.mu.Lock()
+	c.readDeadline = t
+	c.wakeLocked()
+	c.mu.Unlock()
+	return nil
+}
+
+// SetWriteDeadline implements net.Conn.
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	if c.fb != nil {
+		return c.fb.SetWriteDeadline(t)
+	}
+	c.mu.Lock()
+	c.writeDeadline = t
+	c.wakeLocked()
+	c.mu.Unlock()
+	return nil
+}
+
+// Done is closed when the connection has finished (both DATA_FINs
+// exchanged, reset or aborted).
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// MultipathTCP reports whether the connection runs MPTCP (false after a
+// fallback to plain TCP).
+func (c *Conn) MultipathTCP() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.fallback
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+const rstAck = tcpheader.TCPFlagRst | tcpheader.TCPFlagAck
+
+func newPayload(b []byte) *bytes.Reader { return bytes.NewReader(b) }
+
+// ConnStats describes a connection and its subflows.
+type ConnStats struct {
+	Local, Remote string
+	MPTCP         bool
+	LocalToken    uint32
+	RemoteToken   uint32
+	Checksum      bool
+	BytesSent     uint64
+	BytesReceived uint64
+	Reinjected    uint64
+	SendBuffered  int
+	RecvBuffered  int
+	DataFinSent   bool
+	DataFinAcked  bool
+	DataFinRecv   bool
+	Subflows      []SubflowStats
+}
+
+// Stats returns a snapshot of the connection's state.
+func (c *Conn) Stats() ConnStats {
+	if c.fb != nil {
+		return ConnStats{Local: c.fb.LocalAddr().String(), Remote: c.fb.RemoteAddr().String()}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := ConnStats{
+		MPTCP: !c.fallback, LocalToken: c.localToken, RemoteToken: c.remoteToken, Checksum: c.csum,
+		BytesSent: c.stats.bytesSent, BytesReceived: c.stats.bytesReceived, Reinjected: c.stats.reinjected,
+		DataFinSent: c.writeClosed, DataFinAcked: c.finAcked,
+	}
+	if c.snd != nil {
+		s.SendBuffered = c.snd.Len()
+	}
+	if c.rcv != nil {
+		s.RecvBuffered = c.rcv.Buffered()
+		_, s.DataFinRecv = c.rcv.FinDSN()
+	}
+	if len(c.subflows) > 0 {
+		s.Local, s.Remote = c.subflows[0].tuple.Local.String(), c.subflows[0].tuple.Remote.String()
+	}
+	for _, sf := range c.subflows {
+		s.Subflows = append(s.Subflows, sf.stats())
+	}
+	return s
+}

@@ -1,0 +1,300 @@
+package mptcpep
+
+import (
+	"context"
+	"net/netip"
+	"time"
+
+	"github.com/mptun/mptun/mptcpep/header"
+)
+
+// pathManager keeps a full mesh of subflows between the endpoint's local
+// uplinks and the peer's addresses (its initial one plus those it
+// announces) on the initiating side, re-creating subflows whose uplink
+// comes back. On the passive side it announces the endpoint's other
+// addresses with ADD_ADDR. It ends with the connection.
+func (c *Conn) pathManager() {
+	if !c.active {
+		c.announceAddrs()
+		return
+	}
+	type pair struct {
+		local  netip.Addr
+		remote netip.AddrPort
+	}
+	type attempt struct {
+		at      time.Time
+		backoff time.Duration
+		running bool
+	}
+	attempts := make(map[pair]*attempt)
+	results := make(chan pair, 16)
+	retry := time.NewTicker(500 * time.Millisecond)
+	defer retry.Stop()
+	for {
+		now := time.Now()
+		locals := c.e.localList()
+		c.mu.Lock()
+		if c.isDone() || c.writeClosed && c.finAcked {
+			c.mu.Unlock()
+			return
+		}
+		have := make(map[pair]bool)
+		live := 0
+		for _, sf := range c.subflows {
+			if sf.state != sfClosed {
+				have[pair{sf.tuple.Local.Addr(), sf.tuple.Remote}] = true
+				live++
+			}
+		}
+		type want struct {
+			p        pair
+			l        Local
+			remoteID uint8
+		}
+		var wants []want
+		for _, ra := range c.remoteAddrs {
+			if ra.removed {
+				continue
+			}
+			for _, l := range locals {
+				if l.Addr.Is4() != ra.addr.Addr().Is4() {
+					continue
+				}
+				p := pair{l.Addr, ra.addr}
+				if !have[p] {
+					wants = append(wants, want{p, l, ra.id})
+				}
+			}
+		}
+		max := c.e.cfg.MaxSubflows
+		c.mu.Unlock()
+		for _, w := range wants {
+			if live >= max {
+				break
+			}
+			a := attempts[w.p]
+			if a == nil {
+				a = &attempt{backoff: 500 * time.Millisecond}
+				attempts[w.p] = a
+			}
+			if a.running || now.Before(a.at) {
+				continue
+			}
+			a.running = true
+			a.at = now.Add(a.backoff)
+			a.backoff = min(2*a.backoff, 8*time.Second)
+			live++
+			w := w
+			c.wg.Add(1)
+			go func() {
+				defer c.wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), joinTimeout)
+				defer cancel()
+				go func() {
+					select {
+					case <-c.done:
+						cancel()
+					case <-ctx.Done():
+					}
+				}()
+				sf, err := c.openSubflow(ctx, w.l, w.p.remote, false, w.remoteID)
+				if err == nil {
+					c.e.log.Debug("mptcp: subflow joined", "local", w.l.Addr, "remote", w.p.remote)
+					c.startReader(sf)
+					c.mu.Lock()
+					c.kickLocked()
+					c.mu.Unlock()
+				} else {
+					c.e.log.Debug("mptcp: join failed", "local", w.l.Addr, "remote", w.p.remote, "err", err)
+				}
+				select {
+				case results <- w.p:
+				case <-c.done:
+				}
+			}()
+		}
+		select {
+		case <-c.done:
+			return
+		case <-c.pmCh:
+		case <-retry.C:
+		case p := <-results:
+			if a := attempts[p]; a != nil {
+				a.running = false
+			}
+		}
+		// A subflow that came back resets the backoff of its pair.
+		c.mu.Lock()
+		for _, sf := range c.subflows {
+			if sf.state == sfEstablished {
+				if a := attempts[pair{sf.tuple.Local.Addr(), sf.tuple.Remote}]; a != nil && !a.running {
+					a.backoff = 500 * time.Millisecond
+				}
+			}
+		}
+		c.mu.Unlock()
+	}
+}
+
+// announceAddrs queues ADD_ADDR for the endpoint's other addresses.
+func (c *Conn) announceAddrs() {
+	c.e.mu.Lock()
+	ann := append([]Local(nil), c.e.announce...)
+	c.e.mu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.subflows) == 0 {
+		return
+	}
+	own := c.subflows[0].tuple.Local.Addr()
+	for _, l := range ann {
+		if l.Addr == own || l.ID == 0 {
+			continue
+		}
+		c.announced[l.ID] = &announcement{opt: header.AddAddr{
+			AddrID: l.ID, Addr: l.Addr,
+			HMAC: AddAddrHMAC(c.localKey, c.remoteKey, l.ID, l.Addr, 0),
+		}}
+	}
+	if len(c.announced) > 0 {
+		c.kickLocked()
+	}
+}
+
+// addAddrInLocked handles ADD_ADDR: an echo acknowledges our announcement;
+// an announcement with a valid HMAC adds a peer address for the mesh.
+func (c *Conn) addAddrInLocked(sf *subflow, a *header.AddAddr) {
+	mib := &c.e.MIB
+	if a.Echo {
+		mib.AddAddrEchoRX.Add(1)
+		if an := c.announced[a.AddrID]; an != nil {
+			an.acked = true
+		}
+		return
+	}
+	mib.AddAddrRX.Add(1)
+	if !c.remoteKeyKnown || a.HMAC != AddAddrHMAC(c.remoteKey, c.localKey, a.AddrID, a.Addr, a.Port) {
+		mib.AddAddrHMACFail.Add(1)
+		return
+	}
+	if len(c.remoteAddrs) >= 16 {
+		return // bounded: a peer cannot make us hold unlimited addresses
+	}
+	port := a.Port
+	if port == 0 {
+		port = c.port
+	}
+	c.remoteAddrs[a.AddrID] = remoteAddr{id: a.AddrID, addr: netip.AddrPortFrom(a.Addr, port)}
+	c.pendingEcho = append(c.pendingEcho, header.AddAddr{Echo: true, AddrID: a.AddrID, Addr: a.Addr, Port: a.Port})
+	c.kickLocked()
+	c.pmKick()
+}
+
+// removeAddrInLocked closes the subflows to addresses the peer withdrew.
+func (c *Conn) removeAddrInLocked(ids []uint8) {
+	for _, id := range ids {
+		if ra, ok := c.remoteAddrs[id]; ok {
+			ra.removed = true
+			c.remoteAddrs[id] = ra
+		}
+		for _, sf := range c.subflows {
+			if sf.remoteID == id && sf.state != sfClosed && !(sf.initial && id == 0 && len(c.subflows) == 1) {
+				sf.state = sfClosed
+				sf.err = errString("mptcp: peer removed the address")
+				c.reinjectLocked(sf)
+				c.e.st.Mux.Unregister(sf.tuple)
+				ep := sf.ep
+				if ep != nil {
+					c.actions = append(c.actions, func() { ep.Abort() })
+				}
+			}
+		}
+	}
+	c.kickLocked()
+}
+
+// RemoveLocal withdraws a local address from this connection: its subflows
+// close and the peer is told with REMOVE_ADDR.
+func (c *Conn) RemoveLocal(id uint8) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	best := c.ackSubflowLocked()
+	for _, sf := range c.subflows {
+		if sf.localID == id && sf.state != sfClosed {
+			sf.state = sfClosed
+			sf.err = errString("mptcp: local address removed")
+			c.reinjectLocked(sf)
+			c.e.st.Mux.Unregister(sf.tuple)
+			ep := sf.ep
+			if ep != nil {
+				c.actions = append(c.actions, func() { ep.Abort() })
+			}
+		}
+	}
+	if best != nil && best.localID != id {
+		b := make([]byte, 4)
+		header.RemoveAddr{AddrIDs: []uint8{id}}.Encode(b)
+		t := best.tuple
+		c.actions = append(c.actions, func() {
+			if c.e.st.Mux.SendACK(t, b) == nil {
+				c.e.MIB.RemoveAddrTX.Add(1)
+			}
+		})
+	}
+	c.kickLocked()
+}
+
+// SetBackup marks the subflows from local address id as backup (or not)
+// and tells the peer with MP_PRIO.
+func (c *Conn) SetBackup(id uint8, backup bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, sf := range c.subflows {
+		if sf.localID != id || sf.state != sfEstablished {
+			continue
+		}
+		sf.backup = backup
+		b := make([]byte, header.MPPrioLen)
+		header.MPPrio{Backup: backup}.Encode(b)
+		t := sf.tuple
+		c.actions = append(c.actions, func() {
+			if c.e.st.Mux.SendACK(t, b) == nil {
+				c.e.MIB.MPPrioTX.Add(1)
+			}
+		})
+	}
+	c.kickLocked()
+}
+
+// mpFailInLocked handles MP_FAIL: the peer found a checksum error at dsn.
+// The subflow that carried it is reset by the peer; the data is reinjected.
+func (c *Conn) mpFailInLocked(sf *subflow, dsn uint64) {
+	c.e.log.Warn("mptcp: peer reported a checksum failure", "subflow", sf.tuple.String(), "dsn", dsn)
+	c.reinjectLocked(sf)
+	c.kickLocked()
+}
+
+// mpFailOutLocked reacts to a DSS checksum failure on sf: MP_FAIL tells
+// the peer, and the subflow is reset (its data comes again on others).
+func (c *Conn) mpFailOutLocked(sf *subflow, dsn uint64) {
+	c.e.MIB.MPFailTX.Add(1)
+	b := make([]byte, header.MPFailLen)
+	header.MPFail{DSN: dsn}.Encode(b)
+	t := sf.tuple
+	ep := sf.ep
+	live := 0
+	for _, s := range c.subflows {
+		if s.state == sfEstablished {
+			live++
+		}
+	}
+	c.actions = append(c.actions, func() { _ = c.e.st.Mux.SendACK(t, b) })
+	if live > 1 {
+		sf.state = sfClosed
+		sf.err = errString("mptcp: DSS checksum failure")
+		c.e.st.Mux.Unregister(t)
+		c.actions = append(c.actions, func() { ep.Abort() })
+	}
+	c.kickLocked()
+}

@@ -1,0 +1,473 @@
+package mptcpep
+
+import (
+	"bytes"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+
+	"github.com/mptun/mptun/mptcpep/header"
+)
+
+// maxChunk is the most the scheduler hands one subflow at a time.
+const maxChunk = maxMappingLen // one chunk is one mapping, so its checksum is exact
+
+// run is the connection's control goroutine: it schedules data onto
+// subflows, sends the segments gVisor does not (DATA_ACK updates, DATA_FIN,
+// fourth ACKs, ADD_ADDR) and runs the timers. It ends with the connection.
+func (c *Conn) run() {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	scratch := make([]byte, maxChunk)
+	for {
+		c.runActions()
+		c.push(scratch)
+		next := c.control()
+		c.runActions()
+		d := time.Hour
+		if !next.IsZero() {
+			d = max(time.Until(next), 200*time.Microsecond)
+		}
+		timer.Reset(d)
+		select {
+		case <-c.kick:
+		case <-timer.C:
+		case <-c.done:
+			c.runActions()
+			c.closeSubflows()
+			return
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+	}
+}
+
+// runActions runs work queued under the lock that must run without it
+// (gVisor endpoint calls, raw sends).
+func (c *Conn) runActions() {
+	c.mu.Lock()
+	acts := c.actions
+	c.actions = nil
+	c.mu.Unlock()
+	for _, a := range acts {
+		a()
+	}
+}
+
+// closeSubflows closes what is left when the connection is finished.
+func (c *Conn) closeSubflows() {
+	c.mu.Lock()
+	var eps []tcpip.Endpoint
+	for _, sf := range c.subflows {
+		if sf.ep != nil && sf.state != sfClosed {
+			eps = append(eps, sf.ep)
+			sf.state = sfClosed
+		}
+	}
+	c.mu.Unlock()
+	for _, ep := range eps {
+		ep.Close()
+	}
+	go func() {
+		// Keep the flows registered while gVisor finishes the subflow FIN
+		// exchange, so its segments still carry DATA_ACKs.
+		time.Sleep(2 * time.Second)
+		c.mu.Lock()
+		for _, sf := range c.subflows {
+			c.e.st.Mux.Unregister(sf.tuple)
+		}
+		c.mu.Unlock()
+		c.e.forget(c)
+	}()
+}
+
+// push hands connection data to subflows until nothing is left or no
+// subflow has room.
+func (c *Conn) push(scratch []byte) {
+	for iter := 0; iter < 512; iter++ {
+		c.mu.Lock()
+		if c.fallback || c.isDone() || !c.hasPendingData() {
+			c.mu.Unlock()
+			return
+		}
+		live := make([]*subflow, 0, len(c.subflows))
+		for _, sf := range c.subflows {
+			if sf.usable() {
+				live = append(live, sf)
+			}
+		}
+		c.mu.Unlock()
+		if len(live) == 0 {
+			return
+		}
+		infos := make([]sfInfo, len(live))
+		for i, sf := range live {
+			infos[i] = sf.sample()
+		}
+
+		c.mu.Lock()
+		for i, sf := range live {
+			sf.info = infos[i]
+		}
+		dsn, n, reinj, ok := c.nextChunkLocked()
+		if !ok {
+			c.mu.Unlock()
+			return
+		}
+		sf, allowance := c.pickLocked(live)
+		if sf == nil {
+			c.mu.Unlock()
+			return
+		}
+		n = min(n, allowance, len(scratch))
+		buf := scratch[:0]
+		for len(buf) < n {
+			p := c.snd.Peek(dsn+uint64(len(buf)), n-len(buf))
+			if len(p) == 0 {
+				break
+			}
+			buf = append(buf, p...)
+		}
+		n = len(buf)
+		if n == 0 {
+			c.mu.Unlock()
+			return
+		}
+		var sum uint16
+		if c.csum {
+			sum = checksum.Checksum(buf, 0)
+		}
+		ssn := sf.wrote
+		if err := sf.tx.AddSum(ssn, dsn, n, sum); err != nil {
+			c.mu.Unlock()
+			return
+		}
+		sf.wrote += uint32(n)
+		if reinj {
+			c.reinjectQ[0].DSN += uint64(n)
+			c.reinjectQ[0].Len -= n
+			if c.reinjectQ[0].Len <= 0 {
+				c.reinjectQ = c.reinjectQ[1:]
+			}
+			sf.reinjTx += uint64(n)
+			c.stats.reinjected += uint64(n)
+			c.e.MIB.ReinjectedBytes.Add(uint64(n))
+		} else {
+			if c.snd.Una() == c.sndNxt {
+				c.lastProgress = time.Now()
+			}
+			c.sndNxt += uint64(n)
+		}
+		if sf.lastAckMove.IsZero() || sf.inflight() == n {
+			sf.lastAckMove = time.Now()
+		}
+		ep := sf.ep
+		c.mu.Unlock()
+
+		m, err := ep.Write(bytes.NewReader(buf), tcpip.WriteOptions{})
+		if int(m) < n {
+			c.mu.Lock()
+			sf.tx.Truncate(ssn + uint32(m))
+			sf.wrote = ssn + uint32(m)
+			rest := span{DSN: dsn + uint64(m), Len: n - int(m)}
+			if reinj {
+				c.reinjectQ = append([]span{rest}, c.reinjectQ...)
+			} else {
+				c.sndNxt = rest.DSN
+			}
+			sf.bytesTx += uint64(m)
+			c.mu.Unlock()
+			if err != nil {
+				if _, wb := err.(*tcpip.ErrWouldBlock); !wb {
+					c.e.log.Debug("mptcp: subflow write", "subflow", sf.tuple.String(), "err", err.String())
+				}
+			}
+			return
+		}
+		c.mu.Lock()
+		sf.bytesTx += uint64(m)
+		c.mu.Unlock()
+	}
+}
+
+// nextChunkLocked picks what to send next: reinjections first, then new
+// data within the peer's connection-level window.
+func (c *Conn) nextChunkLocked() (dsn uint64, n int, reinj, ok bool) {
+	una := c.snd.Una()
+	for len(c.reinjectQ) > 0 {
+		s := &c.reinjectQ[0]
+		end := s.DSN + uint64(s.Len)
+		if dsnLEQ(end, una) || s.Len <= 0 {
+			c.reinjectQ = c.reinjectQ[1:]
+			continue
+		}
+		if dsnLT(s.DSN, una) {
+			s.Len = int(end - una)
+			s.DSN = una
+		}
+		if dsnLEQ(c.sndNxt, s.DSN) {
+			// Not sent yet at all: the normal path will send it.
+			c.reinjectQ = c.reinjectQ[1:]
+			continue
+		}
+		if dsnLT(c.sndNxt, end) {
+			s.Len = int(c.sndNxt - s.DSN)
+		}
+		return s.DSN, min(s.Len, maxChunk), true, true
+	}
+	end := c.snd.End()
+	if !dsnLT(c.sndNxt, end) {
+		return 0, 0, false, false
+	}
+	n = int(min(end-c.sndNxt, maxChunk))
+	if w := dsnDiff(c.sndEdge, c.sndNxt); w < int64(n) {
+		if w <= 0 {
+			return 0, 0, false, false
+		}
+		n = int(w)
+	}
+	return c.sndNxt, n, false, true
+}
+
+// pickLocked asks the scheduler for a subflow and how much it may take.
+func (c *Conn) pickLocked(live []*subflow) (*subflow, int) {
+	paths := make([]PathInfo, len(live))
+	for i, sf := range live {
+		paths[i] = PathInfo{
+			RTT:      sf.info.rtt,
+			Cwnd:     sf.info.cwnd,
+			MSS:      sf.info.mss,
+			Inflight: sf.inflight(),
+			SendFree: sf.info.sndFree,
+			Backup:   sf.isBackup(),
+		}
+	}
+	i, n := c.e.cfg.Scheduler.Pick(paths)
+	if i < 0 || i >= len(live) || n <= 0 {
+		return nil, 0
+	}
+	return live[i], n
+}
+
+// control sends what gVisor will not and runs the timers. It returns when
+// it wants to run next (zero: no timer needed).
+func (c *Conn) control() time.Time {
+	now := time.Now()
+	var next time.Time
+	at := func(t time.Time) {
+		if !t.IsZero() && (next.IsZero() || t.Before(next)) {
+			next = t
+		}
+	}
+	type send struct {
+		sf  *subflow
+		opt []byte
+	}
+	var sends []send
+	c.mu.Lock()
+	if c.fallback || c.isDone() || !c.remoteKeyKnown {
+		c.mu.Unlock()
+		return time.Time{}
+	}
+	rto := c.rtoLocked()
+	best := c.ackSubflowLocked()
+	dssAck := func() []byte {
+		d := header.DSS{HasDataAck: true, DataAck64: true, DataAck: c.rcv.RcvNxt()}
+		b := make([]byte, d.Len())
+		d.Encode(b)
+		c.lastDataAckTx = c.rcv.RcvNxt()
+		return b
+	}
+	for _, sf := range c.subflows {
+		if sf.needAck && sf.state == sfEstablished {
+			sf.needAck = false
+			sends = append(sends, send{sf, dssAck()})
+		}
+		// A joining initiator retransmits its third ACK until the fourth.
+		if !sf.initial && sf.active && sf.state == sfPreEstablished && sf.joinAckSent {
+			due := sf.joinAckAt.Add(rto << min(sf.joinAckTries, 5))
+			if !now.Before(due) {
+				if sf.joinAckTries >= 6 {
+					c.e.MIB.MPJoinRejected.Add(1)
+					sf.state = sfClosed
+					sf.err = errJoinTimeout
+					ep := sf.ep
+					c.actions = append(c.actions, func() { ep.Abort() })
+					continue
+				}
+				sf.joinAckTries++
+				sf.joinAckAt = now
+				b := make([]byte, header.MPJoinACKLen)
+				header.MPJoinACK{HMAC: JoinACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}.Encode(b)
+				sends = append(sends, send{sf, b})
+				due = now.Add(rto << min(sf.joinAckTries, 5))
+			}
+			at(due)
+		}
+	}
+	// The initiator repeats its keys on a pure ACK while the peer has not
+	// shown (with a DSS) that the third ACK arrived and we send no data.
+	if c.active && !c.peerConfirmed && len(c.subflows) > 0 && c.mpcAckTries < 4 {
+		sf := c.subflows[0]
+		if sf.state == sfEstablished && c.sndNxt == c.localIDSN+1 {
+			if c.mpcAckAt.IsZero() {
+				c.mpcAckAt = now
+			}
+			due := c.mpcAckAt.Add(rto << c.mpcAckTries)
+			if !now.Before(due) {
+				c.mpcAckTries++
+				c.mpcAckAt = now
+				b := make([]byte, header.MPCapableACKLen)
+				header.MPCapable{Version: 1, HMACSHA256: true, ChecksumRequired: c.csum, NumKeys: 2,
+					SenderKey: uint64(c.localKey), ReceiverKey: uint64(c.remoteKey)}.Encode(b)
+				sends = append(sends, send{sf, b})
+			}
+			at(c.mpcAckAt.Add(rto << c.mpcAckTries))
+		}
+	}
+	// A DATA_ACK that moved after gVisor's last ACK goes out on its own.
+	if !c.ackDueAt.IsZero() {
+		if !now.Before(c.ackDueAt) {
+			c.ackDueAt = time.Time{}
+			if c.rcv.RcvNxt() != c.lastDataAckTx && best != nil {
+				c.e.MIB.DataAckTX.Add(1)
+				sends = append(sends, send{best, dssAck()})
+			}
+		} else {
+			at(c.ackDueAt)
+		}
+	}
+	// DATA_FIN on a pure ACK once all data is out, until DATA_ACKed.
+	if c.writeClosed && !c.finAcked && c.sndNxt == c.snd.End() && best != nil {
+		due := c.finTxAt.Add(rto << min(c.finTries, 6))
+		if c.finTxAt.IsZero() || !now.Before(due) {
+			c.finTries++
+			c.finTxAt = now
+			d := header.DSS{HasDataAck: true, DataAck64: true, DataAck: c.rcv.RcvNxt(),
+				HasMapping: true, DSN64: true, DSN: c.finDSN, SSN: 0, DataLen: 1, DataFin: true}
+			if c.csum {
+				d.HasChecksum = true
+				d.Checksum = header.DSSChecksum(c.finDSN, 0, 1, 0)
+			}
+			b := make([]byte, d.Len())
+			d.Encode(b)
+			c.lastDataAckTx = c.rcv.RcvNxt()
+			c.e.MIB.DataFinTX.Add(1)
+			sends = append(sends, send{best, b})
+			due = now.Add(rto << min(c.finTries, 6))
+		}
+		at(due)
+	}
+	// ADD_ADDR echoes and announcements.
+	if best != nil {
+		for _, a := range c.pendingEcho {
+			b := make([]byte, a.Len())
+			a.Encode(b)
+			sends = append(sends, send{best, b})
+		}
+		c.pendingEcho = nil
+		for _, an := range c.announced {
+			if an.acked || an.tries >= 3 {
+				continue
+			}
+			due := an.at.Add(2 * time.Second)
+			if an.tries == 0 || !now.Before(due) {
+				an.tries++
+				an.at = now
+				b := make([]byte, an.opt.Len())
+				an.opt.Encode(b)
+				c.e.MIB.AddAddrTX.Add(1)
+				sends = append(sends, send{best, b})
+				due = now.Add(2 * time.Second)
+			}
+			at(due)
+		}
+	}
+	// Stall: the DATA_ACK has not moved although data is outstanding. A
+	// subflow whose own ACK is stuck too is marked stale and its data is
+	// reinjected on the others.
+	if dsnLT(c.snd.Una(), c.sndNxt) {
+		stall := c.stallTimeoutLocked()
+		if now.Sub(c.lastProgress) >= stall {
+			usable := 0
+			for _, sf := range c.subflows {
+				if sf.usable() {
+					usable++
+				}
+			}
+			for _, sf := range c.subflows {
+				if sf.usable() && sf.inflight() > 0 && now.Sub(sf.lastAckMove) >= stall && usable > 1 {
+					sf.stale = true
+					usable--
+					c.reinjectLocked(sf)
+					c.lastReinject = c.snd.Una()
+					c.e.log.Debug("mptcp: subflow stale, reinjecting", "subflow", sf.tuple.String())
+				}
+			}
+			c.lastProgress = now
+			c.kickLocked()
+		}
+		at(c.lastProgress.Add(stall))
+	}
+	// Orderly end: both DATA_FINs are through.
+	if c.writeClosed && c.finAcked && c.rcv.EOF() {
+		c.finishLocked(nil)
+	}
+	c.mu.Unlock()
+	for _, s := range sends {
+		if err := c.e.st.Mux.SendACK(s.sf.tuple, s.opt); err != nil {
+			c.e.log.Debug("mptcp: control segment", "subflow", s.sf.tuple.String(), "err", err)
+		}
+	}
+	return next
+}
+
+// ackSubflowLocked picks the subflow for control segments: the one data
+// last arrived on, else any established one.
+func (c *Conn) ackSubflowLocked() *subflow {
+	if sf := c.lastRxSf; sf != nil && sf.state == sfEstablished && !sf.stale {
+		return sf
+	}
+	var backup *subflow
+	for _, sf := range c.subflows {
+		if sf.state == sfEstablished && sf.err == nil {
+			if !sf.stale {
+				return sf
+			}
+			backup = sf
+		}
+	}
+	return backup
+}
+
+// rtoLocked is the connection-level retransmission timeout.
+func (c *Conn) rtoLocked() time.Duration {
+	var m time.Duration
+	for _, sf := range c.subflows {
+		m = max(m, sf.info.rtt)
+	}
+	return max(200*time.Millisecond, 2*m)
+}
+
+// stallTimeoutLocked is how long the DATA_ACK may stand still with data
+// outstanding before subflows are suspected.
+func (c *Conn) stallTimeoutLocked() time.Duration {
+	var m time.Duration
+	for _, sf := range c.subflows {
+		if sf.usable() {
+			m = max(m, sf.info.rtt)
+		}
+	}
+	return max(400*time.Millisecond, 4*m)
+}
+
+type errString string
+
+func (e errString) Error() string { return string(e) }
+
+const errJoinTimeout = errString("mptcp: join: no fourth ACK")

@@ -1,0 +1,254 @@
+package mptcpep
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/mptun/mptun/netstack"
+)
+
+type sfState int
+
+const (
+	sfSynSent        sfState = iota // active, SYN out
+	sfSynRcvd                       // passive, SYN seen
+	sfPreEstablished                // join: handshake done, waiting for the fourth/third ACK
+	sfEstablished
+	sfClosed
+)
+
+func (s sfState) String() string {
+	return [...]string{"syn-sent", "syn-rcvd", "pre-established", "established", "closed"}[s]
+}
+
+// subflow is one TCP connection of an MPTCP connection: a gVisor endpoint
+// plus the MPTCP state the option layer needs. Fields below the mutex line
+// are guarded by the connection's mutex.
+type subflow struct {
+	c       *Conn
+	tuple   netstack.Tuple
+	active  bool
+	initial bool
+
+	ep tcpip.Endpoint // set once the gVisor endpoint exists (accept/dial)
+	wq *waiter.Queue
+
+	// guarded by c.mu
+	state         sfState
+	localID       uint8
+	remoteID      uint8
+	backup        bool // we asked the peer to treat it as backup (or it is our backup uplink)
+	remoteBackup  bool // the peer marked it backup
+	localNonce    uint32
+	remoteNonce   uint32
+	iss, irs      uint32
+	issKnown      bool
+	irsKnown      bool
+	joinAckSent   bool
+	joinAckTries  int
+	joinAckAt     time.Time
+	needAck       bool // send a pure ACK (fourth ACK, DATA_ACK) soon
+	peerWScale    uint8
+	tx            *txMappings
+	rx            *rxMappings
+	wrote         uint32 // SSN of the next byte written into ep
+	acked         uint32 // subflow-level ACK seen from the peer (relative)
+	lastAckMove   time.Time
+	stale         bool
+	readSSN       uint32 // SSN of the next byte read from ep
+	csumSum       uint32 // running sum of the current rx mapping (DSS checksum)
+	csumMap       rxMapping
+	csumOff       int
+	info          sfInfo
+	bytesTx       uint64
+	bytesRx       uint64
+	reinjTx       uint64
+	rstReason     int // MP_TCPRST reason received, -1 none
+	err           error
+	readerDone    bool
+	readerStarted bool
+}
+
+// sfInfo is what the scheduler knows of a subflow's TCP state, sampled
+// from gVisor outside the connection lock.
+type sfInfo struct {
+	rtt      time.Duration
+	cwnd     uint32
+	mss      int
+	sndFree  int
+	retrans  uint64
+	state    tcpip.EndpointState
+	sampled  time.Time
+	sampleOK bool
+}
+
+func newSubflow(c *Conn, t netstack.Tuple, active, initial bool) *subflow {
+	return &subflow{
+		c:         c,
+		tuple:     t,
+		active:    active,
+		initial:   initial,
+		tx:        newTxMappings(1),
+		rx:        newRxMappings(1),
+		wrote:     1,
+		acked:     1,
+		readSSN:   1,
+		rstReason: -1,
+	}
+}
+
+// usable reports whether the scheduler may give the subflow data.
+func (sf *subflow) usable() bool {
+	return sf.state == sfEstablished && sf.ep != nil && sf.err == nil && !sf.stale
+}
+
+func (sf *subflow) isBackup() bool { return sf.backup || sf.remoteBackup }
+
+// inflight is what was written into gVisor and not yet acknowledged.
+func (sf *subflow) inflight() int { return int(sf.wrote - sf.acked) }
+
+// sample reads the subflow's TCP state from gVisor. It must not run under
+// the connection lock: gVisor's endpoint lock may be held by a goroutine
+// that waits for it in the option layer.
+func (sf *subflow) sample() sfInfo {
+	var in sfInfo
+	ep := sf.ep
+	if ep == nil {
+		return in
+	}
+	var ti tcpip.TCPInfoOption
+	if err := ep.GetSockOpt(&ti); err == nil {
+		in.rtt = ti.RTT
+		in.cwnd = ti.SndCwnd
+		in.state = ti.State
+		in.sampleOK = true
+	}
+	queued, err := ep.GetSockOptInt(tcpip.SendQueueSizeOption)
+	if err != nil {
+		queued = 0
+	}
+	in.sndFree = int(ep.SocketOptions().GetSendBufferSize()) - queued
+	if mss, err := ep.GetSockOptInt(tcpip.MaxSegOption); err == nil {
+		in.mss = mss
+	}
+	if in.mss <= 0 {
+		in.mss = 1400
+	}
+	if st, ok := ep.Stats().(*tcp.Stats); ok {
+		in.retrans = st.SendErrors.Retransmits.Value()
+	}
+	in.sampled = time.Now()
+	return in
+}
+
+// reader moves bytes from the gVisor endpoint into the connection's
+// reassembly, placing them by the peer's DSS mappings. It applies
+// back-pressure: while the connection buffer is full it stops reading, so
+// gVisor's window closes. It ends when the subflow ends.
+func (sf *subflow) reader() {
+	c := sf.c
+	we, ch := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
+	sf.wq.EventRegister(&we)
+	defer sf.wq.EventUnregister(&we)
+	buf := make([]byte, 64<<10)
+	for {
+		// Back-pressure: wait for room in the connection buffer.
+		c.mu.Lock()
+		for c.rcv.Buffered() >= c.rcvWindow() && !c.isDone() && !c.readClosed {
+			w := c.waitCh()
+			c.mu.Unlock()
+			select {
+			case <-w:
+			case <-c.done:
+			}
+			c.mu.Lock()
+		}
+		done := c.isDone()
+		c.mu.Unlock()
+		if done {
+			return
+		}
+		w := writerTo{b: buf}
+		res, err := sf.ep.Read(&w, tcpip.ReadOptions{})
+		if err != nil {
+			if _, ok := err.(*tcpip.ErrWouldBlock); ok {
+				select {
+				case <-ch:
+				case <-c.done:
+					return
+				}
+				continue
+			}
+			var e error
+			if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
+				e = errSubflowEOF
+			} else {
+				e = fmt.Errorf("subflow %v: read: %s", sf.tuple, err)
+			}
+			c.subflowFailed(sf, e)
+			return
+		}
+		if res.Count > 0 {
+			c.deliver(sf, buf[:res.Count])
+		}
+	}
+}
+
+var errSubflowEOF = errors.New("subflow closed by peer")
+
+// writerTo collects what gVisor's Read hands out into a fixed buffer.
+type writerTo struct {
+	b []byte
+	n int
+}
+
+func (w *writerTo) Write(p []byte) (int, error) {
+	n := copy(w.b[w.n:], p)
+	w.n += n
+	if n < len(p) {
+		return n, errShortBuffer
+	}
+	return n, nil
+}
+
+var errShortBuffer = errors.New("short buffer")
+
+// SubflowStats describes one subflow.
+type SubflowStats struct {
+	Local, Remote netip.AddrPort
+	LocalID       uint8
+	RemoteID      uint8
+	State         string
+	Backup        bool
+	RemoteBackup  bool
+	Initial       bool
+	RTT           time.Duration
+	Cwnd          uint32
+	BytesSent     uint64
+	BytesReceived uint64
+	Reinjected    uint64
+	Retransmits   uint64
+	Stale         bool
+	Error         string
+}
+
+func (sf *subflow) stats() SubflowStats {
+	s := SubflowStats{
+		Local: sf.tuple.Local, Remote: sf.tuple.Remote,
+		LocalID: sf.localID, RemoteID: sf.remoteID,
+		State: sf.state.String(), Backup: sf.backup, RemoteBackup: sf.remoteBackup,
+		Initial: sf.initial, RTT: sf.info.rtt, Cwnd: sf.info.cwnd,
+		BytesSent: sf.bytesTx, BytesReceived: sf.bytesRx, Reinjected: sf.reinjTx,
+		Retransmits: sf.info.retrans, Stale: sf.stale,
+	}
+	if sf.err != nil {
+		s.Error = sf.err.Error()
+	}
+	return s
+}

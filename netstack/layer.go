@@ -1,0 +1,472 @@
+package netstack
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/nested"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// OptionBudget is the TCP option space the layer keeps free in every segment
+// gVisor builds: the largest DSS (64-bit DATA_ACK and DSN, checksum) is 28
+// bytes. The layer reports an MTU lowered by this much, so gVisor's segments
+// plus our options still fit the real MTU.
+const OptionBudget = 28
+
+const maxTCPOptions = 40
+
+// Flow sees every TCP segment of a registered flow, in both directions. Its
+// methods run on gVisor's goroutines, sometimes under gVisor's endpoint locks:
+// they must never call back into a gVisor endpoint.
+type Flow interface {
+	// Incoming is called before gVisor sees an arriving segment. Returning
+	// false drops it.
+	Incoming(seg *Segment) bool
+	// Outgoing may write options into opt (len(opt) is the room left) for a
+	// segment gVisor sends. It returns how many bytes it wrote and how many
+	// payload bytes, from the segment's first, those options describe; when
+	// cover < seg.PayloadLen the layer splits the segment there and calls
+	// Outgoing again for the rest.
+	Outgoing(seg *Segment, opt []byte) (n, cover int)
+}
+
+// Acceptor is consulted for a SYN of an unknown flow to a local port.
+type Acceptor interface {
+	// SYN returns the Flow to register for the new flow (nil leaves it to
+	// gVisor untouched), and whether to drop the SYN.
+	SYN(seg *Segment) (f Flow, drop bool)
+}
+
+// MuxStats counts what the option layer did (MIB-style).
+type MuxStats struct {
+	SegmentsOut, SegmentsIn     atomic.Uint64
+	SegmentsSplit               atomic.Uint64
+	SACKTrimmed                 atomic.Uint64
+	ControlSent                 atomic.Uint64
+	BadChecksumIn               atomic.Uint64
+	NoRoomForOptions            atomic.Uint64
+	DroppedIn                   atomic.Uint64
+	WriteErrors                 atomic.Uint64
+	PassThroughOut, PassThrouIn atomic.Uint64
+}
+
+// Mux connects the option layers of all NICs of a stack to the flows
+// registered by the MPTCP engine.
+type Mux struct {
+	mu        sync.RWMutex
+	flows     map[Tuple]*flowEntry
+	acceptors map[uint16]Acceptor
+	Stats     MuxStats
+}
+
+// NewMux returns an empty Mux.
+func NewMux() *Mux {
+	return &Mux{flows: make(map[Tuple]*flowEntry), acceptors: make(map[uint16]Acceptor)}
+}
+
+type flowEntry struct {
+	flow Flow
+
+	mu     sync.Mutex
+	via    *Layer
+	ipv6   bool
+	valid  bool // a segment went out, so the fields below are known
+	sndNxt uint32
+	ack    uint32
+	wnd    uint16
+	hasTS  bool
+	tsVal  uint32
+	tsEcr  uint32
+}
+
+// Register attaches f to the flow t (our side first).
+func (m *Mux) Register(t Tuple, f Flow) {
+	m.mu.Lock()
+	m.flows[t] = &flowEntry{flow: f}
+	m.mu.Unlock()
+}
+
+// Unregister detaches flow t.
+func (m *Mux) Unregister(t Tuple) {
+	m.mu.Lock()
+	delete(m.flows, t)
+	m.mu.Unlock()
+}
+
+// SetAcceptor makes a consulted for SYNs to local port (nil removes it).
+func (m *Mux) SetAcceptor(port uint16, a Acceptor) {
+	m.mu.Lock()
+	if a == nil {
+		delete(m.acceptors, port)
+	} else {
+		m.acceptors[port] = a
+	}
+	m.mu.Unlock()
+}
+
+func (m *Mux) lookup(t Tuple) *flowEntry {
+	m.mu.RLock()
+	e := m.flows[t]
+	m.mu.RUnlock()
+	return e
+}
+
+// Layer is the MPTCP option layer of one NIC: a link endpoint between gVisor
+// and the real link that adds MPTCP options to outgoing segments and shows
+// incoming ones to their flow before gVisor sees them.
+type Layer struct {
+	nested.Endpoint
+	lower stack.LinkEndpoint
+	mux   *Mux
+}
+
+// NewLayer wraps lower.
+func NewLayer(lower stack.LinkEndpoint, mux *Mux) *Layer {
+	l := &Layer{lower: lower, mux: mux}
+	l.Endpoint.Init(lower, l)
+	return l
+}
+
+// MTU reports the lower MTU minus the option budget, so that gVisor sizes
+// segments that still fit once the DSS option is added.
+func (l *Layer) MTU() uint32 {
+	m := l.lower.MTU()
+	if m <= OptionBudget+header.IPv6MinimumSize+header.TCPMinimumSize {
+		return m
+	}
+	return m - OptionBudget
+}
+
+// Capabilities hides checksum offload and GSO from gVisor: the layer needs
+// real per-segment checksums to update them and individual segments to map.
+func (l *Layer) Capabilities() stack.LinkEndpointCapabilities {
+	return l.lower.Capabilities() &^ (stack.CapabilityTXChecksumOffload)
+}
+
+// MaxHeaderLength leaves room for a grown TCP header.
+func (l *Layer) MaxHeaderLength() uint16 { return l.lower.MaxHeaderLength() + maxTCPOptions }
+
+// DeliverNetworkPacket implements stack.NetworkDispatcher: it shows TCP
+// segments of registered flows (and SYNs to accepting ports) to the engine.
+func (l *Layer) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if !l.inbound(pkt) {
+		l.mux.Stats.DroppedIn.Add(1)
+		return
+	}
+	l.Endpoint.DeliverNetworkPacket(proto, pkt)
+}
+
+func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
+	pd := pkt.Data()
+	b, ok := pd.PullUp(min(pd.Size(), header.IPv6MinimumSize+header.TCPMinimumSize+maxTCPOptions))
+	if !ok {
+		return true
+	}
+	ip, err := parseIP(b)
+	if err != nil || len(b) < ip.hdrLen+header.TCPMinimumSize {
+		return true
+	}
+	tcp := header.TCP(b[ip.hdrLen:])
+	off := int(tcp.DataOffset())
+	if off < header.TCPMinimumSize || ip.hdrLen+off > len(b) {
+		return true
+	}
+	t := Tuple{Local: addrPort(ip.dst, tcp.DestinationPort()), Remote: addrPort(ip.src, tcp.SourcePort())}
+	e := l.mux.lookup(t)
+	var acc Acceptor
+	if e == nil {
+		if tcp.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
+			l.mux.Stats.PassThrouIn.Add(1)
+			return true
+		}
+		l.mux.mu.RLock()
+		acc = l.mux.acceptors[t.Local.Port()]
+		l.mux.mu.RUnlock()
+		if acc == nil {
+			l.mux.Stats.PassThrouIn.Add(1)
+			return true
+		}
+	}
+	// Verify the checksum before trusting any option: a corrupt segment
+	// must not change MPTCP state. gVisor then skips its own check.
+	var totalLen int
+	if ip.ipv6 {
+		totalLen = int(header.IPv6(b).PayloadLength())
+	} else {
+		totalLen = int(header.IPv4(b).TotalLength()) - ip.hdrLen
+	}
+	if totalLen < off || ip.hdrLen+totalLen > pd.Size() {
+		l.mux.Stats.BadChecksumIn.Add(1)
+		return false
+	}
+	if !pkt.RXChecksumValidated {
+		sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, ip.src, ip.dst, uint16(totalLen))
+		sum = checksum.Combine(sum, pd.ChecksumAtOffset(ip.hdrLen))
+		if sum != 0xffff {
+			l.mux.Stats.BadChecksumIn.Add(1)
+			return false
+		}
+		pkt.RXChecksumValidated = true
+	}
+	seg := Segment{
+		Tuple:      t,
+		Flags:      tcp.Flags(),
+		Seq:        tcp.SequenceNumber(),
+		Ack:        tcp.AckNumber(),
+		Window:     tcp.WindowSize(),
+		Options:    tcp[header.TCPMinimumSize:off],
+		PayloadLen: totalLen - off,
+		Via:        l,
+		ipv6:       ip.ipv6,
+		inData:     pd,
+		inOff:      ip.hdrLen + off,
+		hasIn:      true,
+	}
+	l.mux.Stats.SegmentsIn.Add(1)
+	if e == nil {
+		f, drop := acc.SYN(&seg)
+		if f != nil {
+			l.mux.Register(t, f)
+		}
+		return !drop
+	}
+	e.mu.Lock()
+	e.via = l
+	e.ipv6 = ip.ipv6
+	e.mu.Unlock()
+	return e.flow.Incoming(&seg)
+}
+
+// WritePackets implements stack.LinkEndpoint: segments of registered flows
+// are rebuilt with their MPTCP options; everything else passes through.
+func (l *Layer) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	var out stack.PacketBufferList
+	var owned []*stack.PacketBuffer
+	changed := false
+	for _, pkt := range pkts.AsSlice() {
+		n := len(owned)
+		owned = l.outbound(pkt, owned)
+		if len(owned) == n {
+			out.PushBack(pkt)
+			continue
+		}
+		changed = true
+		for _, p := range owned[n:] {
+			out.PushBack(p)
+		}
+	}
+	if !changed {
+		return l.lower.WritePackets(pkts)
+	}
+	n, err := l.lower.WritePackets(out)
+	for _, p := range owned {
+		p.DecRef()
+	}
+	if err != nil {
+		l.mux.Stats.WriteErrors.Add(1)
+	}
+	if n >= out.Len() {
+		n = pkts.Len()
+	} else if n > pkts.Len() {
+		n = pkts.Len()
+	}
+	return n, err
+}
+
+// outbound appends the packets that replace pkt to owned (none: send pkt).
+func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) []*stack.PacketBuffer {
+	if pkt.TransportProtocolNumber != header.TCPProtocolNumber {
+		return owned
+	}
+	nh, th := pkt.NetworkHeader().Slice(), pkt.TransportHeader().Slice()
+	if len(th) < header.TCPMinimumSize || len(nh) == 0 {
+		return owned
+	}
+	ip, err := parseIP(nh)
+	if err != nil {
+		return owned
+	}
+	tcp := header.TCP(th)
+	t := Tuple{Local: addrPort(ip.src, tcp.SourcePort()), Remote: addrPort(ip.dst, tcp.DestinationPort())}
+	e := l.mux.lookup(t)
+	if e == nil {
+		l.mux.Stats.PassThroughOut.Add(1)
+		return owned
+	}
+	l.mux.Stats.SegmentsOut.Add(1)
+	payload := pkt.Data().ToBuffer()
+	defer payload.Release()
+	ttl := uint8(64)
+	if ip.ipv6 {
+		ttl = header.IPv6(nh).HopLimit()
+	} else {
+		ttl = header.IPv4(nh).TTL()
+	}
+	seq := tcp.SequenceNumber()
+	flags := tcp.Flags()
+	origOpts := tcp.Options()
+	e.noteOut(l, ip.ipv6, tcp, pkt.Data().Size(), origOpts)
+
+	var optBuf [maxTCPOptions * 2]byte
+	for first := true; ; first = false {
+		segFlags := flags
+		if !first {
+			// Continuation of a split: only the first piece may carry SYN.
+			segFlags &^= header.TCPFlagSyn
+		}
+		seg := Segment{
+			Tuple:      t,
+			Flags:      segFlags,
+			Seq:        seq,
+			Ack:        tcp.AckNumber(),
+			Window:     tcp.WindowSize(),
+			Options:    origOpts,
+			PayloadLen: int(payload.Size()),
+			Via:        l,
+			ipv6:       ip.ipv6,
+			payload:    &payload,
+		}
+		base := compactOptions(optBuf[:0], origOpts, false)
+		room := maxTCPOptions - len(base)
+		sackFree := compactOptions(optBuf[maxTCPOptions:maxTCPOptions], origOpts, true)
+		if maxRoom := maxTCPOptions - len(sackFree); maxRoom > room {
+			room = maxRoom // may trim SACK blocks below
+		}
+		var mp [maxTCPOptions]byte
+		n, cover := e.flow.Outgoing(&seg, mp[:room])
+		opts := base
+		if len(base)+n > maxTCPOptions {
+			opts = sackFree
+			l.mux.Stats.SACKTrimmed.Add(1)
+		}
+		if len(opts)+n > maxTCPOptions {
+			l.mux.Stats.NoRoomForOptions.Add(1)
+			n = 0
+		}
+		opts = append(opts, mp[:n]...)
+		plen := int(payload.Size())
+		var part buffer.Buffer
+		if cover > 0 && cover < plen {
+			l.mux.Stats.SegmentsSplit.Add(1)
+			part = payload.Clone()
+			part.Truncate(int64(cover))
+			payload.TrimFront(int64(cover))
+			// FIN and PSH belong to the last piece only.
+			segFlags &^= header.TCPFlagFin | header.TCPFlagPsh
+		} else {
+			part = payload.Clone()
+			payload.Truncate(0)
+		}
+		sum := part.Checksum(0)
+		hdr := buildHeaders(ip.ipv6, t, seq, tcp.AckNumber(), segFlags, tcp.WindowSize(), opts, int(part.Size()), sum, ttl)
+		np := l.newPacket(ip.ipv6, hdr, part)
+		owned = append(owned, np)
+		seq += uint32(cover)
+		if payload.Size() == 0 {
+			break
+		}
+	}
+	return owned
+}
+
+func (l *Layer) newPacket(ipv6 bool, hdr []byte, payload buffer.Buffer) *stack.PacketBuffer {
+	ipLen := header.IPv4MinimumSize
+	proto := header.IPv4ProtocolNumber
+	if ipv6 {
+		ipLen = header.IPv6MinimumSize
+		proto = header.IPv6ProtocolNumber
+	}
+	np := stack.NewPacketBuffer(stack.PacketBufferOptions{
+		ReserveHeaderBytes: int(l.lower.MaxHeaderLength()) + len(hdr),
+		Payload:            payload,
+	})
+	copy(np.TransportHeader().Push(len(hdr)-ipLen), hdr[ipLen:])
+	np.TransportProtocolNumber = header.TCPProtocolNumber
+	copy(np.NetworkHeader().Push(ipLen), hdr[:ipLen])
+	np.NetworkProtocolNumber = proto
+	return np
+}
+
+func (e *flowEntry) noteOut(l *Layer, ipv6 bool, tcp header.TCP, plen int, opts []byte) {
+	end := tcp.SequenceNumber() + uint32(plen)
+	if tcp.Flags()&(header.TCPFlagSyn|header.TCPFlagFin) != 0 {
+		end++
+	}
+	ts := ParseTCPOptions(opts)
+	e.mu.Lock()
+	e.via = l
+	e.ipv6 = ipv6
+	if !e.valid || int32(end-e.sndNxt) > 0 {
+		e.sndNxt = end
+	}
+	if tcp.Flags()&header.TCPFlagAck != 0 {
+		e.ack = tcp.AckNumber()
+		e.wnd = tcp.WindowSize()
+	}
+	if ts.HasTS {
+		e.hasTS, e.tsVal, e.tsEcr = true, ts.TSVal, ts.TSEc
+	}
+	e.valid = true
+	e.mu.Unlock()
+}
+
+// SendACK sends a pure ACK on flow t, carrying opts (MPTCP options), built
+// from the last segment gVisor sent on it. gVisor never acknowledges a pure
+// ACK, so DATA_ACK updates, DATA_FINs and the fourth ACK of a join need this.
+func (m *Mux) SendACK(t Tuple, opts []byte) error {
+	return m.sendControl(t, header.TCPFlagAck, opts)
+}
+
+// SendRST resets flow t with opts (MP_TCPRST, MP_FASTCLOSE).
+func (m *Mux) SendRST(t Tuple, opts []byte) error {
+	return m.sendControl(t, header.TCPFlagAck|header.TCPFlagRst, opts)
+}
+
+func (m *Mux) sendControl(t Tuple, flags header.TCPFlags, opts []byte) error {
+	e := m.lookup(t)
+	if e == nil {
+		return fmt.Errorf("netstack: flow %v: not registered", t)
+	}
+	e.mu.Lock()
+	if !e.valid || e.via == nil {
+		e.mu.Unlock()
+		return fmt.Errorf("netstack: flow %v: no segment sent yet", t)
+	}
+	via, ipv6, seq, ack, wnd := e.via, e.ipv6, e.sndNxt, e.ack, e.wnd
+	var o [maxTCPOptions]byte
+	all := o[:0]
+	if e.hasTS && flags&header.TCPFlagRst == 0 {
+		all = append(all, header.TCPOptionNOP, header.TCPOptionNOP, header.TCPOptionTS, 10)
+		all = binary.BigEndian.AppendUint32(all, e.tsVal)
+		all = binary.BigEndian.AppendUint32(all, e.tsEcr)
+	}
+	e.mu.Unlock()
+	if len(all)+len(opts) > maxTCPOptions {
+		return fmt.Errorf("netstack: flow %v: %d bytes of options do not fit", t, len(opts))
+	}
+	all = append(all, opts...)
+	return via.SendRaw(ipv6, t, seq, ack, flags, wnd, all)
+}
+
+// SendRaw sends a segment without payload built from scratch (used for
+// resets of flows gVisor never knew, and by sendControl).
+func (l *Layer) SendRaw(ipv6 bool, t Tuple, seq, ack uint32, flags header.TCPFlags, wnd uint16, opts []byte) error {
+	hdr := buildHeaders(ipv6, t, seq, ack, flags, wnd, opts, 0, 0, 64)
+	pkt := l.newPacket(ipv6, hdr, buffer.Buffer{})
+	defer pkt.DecRef()
+	var list stack.PacketBufferList
+	list.PushBack(pkt)
+	if _, err := l.lower.WritePackets(list); err != nil {
+		l.mux.Stats.WriteErrors.Add(1)
+		return fmt.Errorf("netstack: send control segment on %v: %s", t, err)
+	}
+	l.mux.Stats.ControlSent.Add(1)
+	return nil
+}

@@ -46,6 +46,9 @@ type Local struct {
 	Addr   netip.Addr
 	ID     uint8 // address ID (0 is reserved for the initial subflow's)
 	Backup bool
+	// Public is the address peers see for Addr when NAT sits between (the
+	// uplink's own address in front of a TUN); ADD_ADDR announces it.
+	Public netip.Addr
 }
 
 // Endpoint is an MPTCP instance on a netstack.Stack.

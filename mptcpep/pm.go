@@ -152,9 +152,13 @@ func (c *Conn) announceAddrs() {
 		if l.Addr == own || l.ID == 0 {
 			continue
 		}
+		a := l.Addr
+		if l.Public.IsValid() {
+			a = l.Public
+		}
 		c.announced[l.ID] = &announcement{opt: header.AddAddr{
-			AddrID: l.ID, Addr: l.Addr,
-			HMAC: AddAddrHMAC(c.localKey, c.remoteKey, l.ID, l.Addr, 0),
+			AddrID: l.ID, Addr: a,
+			HMAC: AddAddrHMAC(c.localKey, c.remoteKey, l.ID, a, 0),
 		}}
 	}
 	if len(c.announced) > 0 {

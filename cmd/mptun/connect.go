@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"time"
+
+	"github.com/mptun/mptun/hostnet"
+	"github.com/mptun/mptun/mptcpep"
+)
+
+func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("connect", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cf commonFlags
+	cf.register(fs)
+	timeout := fs.Duration("timeout", 10*time.Second, "connection set-up timeout")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() != 1 {
+		return usageError{fmt.Errorf("want exactly one HOST:PORT, got %d arguments", fs.NArg())}
+	}
+	remote, err := netip.ParseAddrPort(fs.Arg(0))
+	if err != nil {
+		return usageError{fmt.Errorf("destination %q: %w", fs.Arg(0), err)}
+	}
+	log, err := newLogger(cf.logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	eng, err := startEngine(ctx, hostnet.ModeConnect, &cf, 0, log)
+	if err != nil {
+		return err
+	}
+	defer eng.Close()
+	dctx, cancel := context.WithTimeout(ctx, *timeout)
+	conn, err := eng.ep.Dial(dctx, remote)
+	cancel()
+	if err != nil {
+		return err
+	}
+	err = pipe(ctx, conn, stdin, stdout)
+	if cf.stats {
+		printStats(stderr, conn, eng.ep)
+	}
+	conn.Close()
+	return err
+}
+
+// pipe copies stdin to conn (then half-closes) and conn to stdout, and
+// returns when both directions are done.
+func pipe(ctx context.Context, conn *mptcpep.Conn, stdin io.Reader, stdout io.Writer) error {
+	up := make(chan error, 1)
+	down := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(conn, stdin)
+		if err == nil {
+			err = conn.CloseWrite()
+		}
+		up <- err
+	}()
+	go func() {
+		_, err := io.Copy(stdout, conn)
+		down <- err
+	}()
+	var upDone, downDone bool
+	for !upDone || !downDone {
+		select {
+		case err := <-up:
+			if err != nil {
+				return fmt.Errorf("sending: %w", err)
+			}
+			upDone = true
+		case err := <-down:
+			if err != nil {
+				return fmt.Errorf("receiving: %w", err)
+			}
+			downDone = true
+		case <-ctx.Done():
+			conn.Abort()
+			return ctx.Err()
+		}
+	}
+	// Let the DATA_FIN exchange finish so the peer sees a clean end.
+	select {
+	case <-conn.Done():
+	case <-time.After(3 * time.Second):
+	case <-ctx.Done():
+	}
+	return nil
+}
+
+func printStats(w io.Writer, conn *mptcpep.Conn, ep *mptcpep.Endpoint) {
+	out := struct {
+		Conn mptcpep.ConnStats `json:"conn"`
+		MIB  map[string]uint64 `json:"mib"`
+	}{conn.Stats(), nonZero(ep.MIB.Snapshot())}
+	b, _ := json.MarshalIndent(out, "", "  ")
+	fmt.Fprintln(w, string(b))
+}
+
+func nonZero(m map[string]uint64) map[string]uint64 {
+	for k, v := range m {
+		if v == 0 {
+			delete(m, k)
+		}
+	}
+	return m
+}

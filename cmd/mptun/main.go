@@ -1,0 +1,80 @@
+// Command mptun is a userspace Multipath TCP stack behind TUN devices.
+//
+//	mptun connect [--uplink IFACE[,via=GW][,backup]]... HOST:PORT
+//	mptun listen  [--uplink IFACE]... [--once] :PORT
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `mptun: userspace Multipath TCP (RFC 8684) over several uplinks
+
+usage:
+  mptun connect [--uplink IFACE[,via=GATEWAY][,backup]]... [flags] HOST:PORT
+      open an MPTCP connection with one subflow per uplink; copy stdin to it
+      and it to stdout; half-close when stdin ends; exit 0 when both are done
+  mptun listen [--uplink IFACE]... [--once] [flags] :PORT
+      accept MPTCP (and plain TCP) connections arriving over the uplinks
+
+common flags:
+  --checksum        request DSS checksums
+  --log-level L     debug, info, warn (default), error
+  --stats           print connection statistics and MPTCP counters to stderr at the end
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch args[0] {
+	case "connect":
+		err = cmdConnect(ctx, args[1:], stdin, stdout, stderr)
+	case "listen":
+		err = cmdListen(ctx, args[1:], stdin, stdout, stderr)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "mptun: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	if err != nil {
+		var ue usageError
+		if errors.As(err, &ue) {
+			fmt.Fprintf(stderr, "mptun %s: %v\n", args[0], err)
+			return 2
+		}
+		if errors.Is(err, context.Canceled) {
+			return 130
+		}
+		fmt.Fprintf(stderr, "mptun %s: %v\n", args[0], err)
+		return 1
+	}
+	return 0
+}
+
+type usageError struct{ error }
+
+func newLogger(level string, w io.Writer) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, usageError{fmt.Errorf("--log-level %q: %w", level, err)}
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+}

@@ -54,11 +54,11 @@ func (c *commonFlags) register(fs *flag.FlagSet) {
 
 // engine is the userspace stack on the host's uplinks.
 type engine struct {
-	host  *hostnet.Host
-	st    *netstack.Stack
-	ep    *mptcpep.Endpoint
-	tuns  []*tun.Endpoint
-	log   *slog.Logger
+	host *hostnet.Host
+	st   *netstack.Stack
+	ep   *mptcpep.Endpoint
+	tuns []*tun.Endpoint
+	log  *slog.Logger
 }
 
 // startEngine builds TUNs, routing and NAT for the uplinks, a gVisor stack

@@ -784,3 +784,15 @@ func (c *Conn) Stats() ConnStats {
 	}
 	return s
 }
+
+// Keys returns the connection's local and remote MPTCP keys (zero for a
+// connection that fell back to TCP). Applications bind authentication to
+// them so that it cannot be replayed on another connection.
+func (c *Conn) Keys() (local, remote Key) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fallback || !c.remoteKeyKnown {
+		return 0, 0
+	}
+	return c.localKey, c.remoteKey
+}

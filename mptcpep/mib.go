@@ -30,6 +30,7 @@ type MIB struct {
 	DSSMappingConflict   atomic.Uint64
 	DSSMappingDropped    atomic.Uint64 // table full or out of window
 	DSSNoMapping         atomic.Uint64 // data without a mapping
+	DSSNoMappingTX       atomic.Uint64 // a segment gVisor sent holds bytes without a mapping
 	DSSChecksumFail      atomic.Uint64
 	DataAckRX            atomic.Uint64
 	DataAckInvalid       atomic.Uint64

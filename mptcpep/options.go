@@ -218,7 +218,7 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 			}
 			cover = min(seg.PayloadLen, int(m.SSN+uint32(m.Len)-rel))
 		} else {
-			mib.DSSNoMapping.Add(1)
+			mib.DSSNoMappingTX.Add(1)
 		}
 	}
 	if d.Len() > len(opt) {

@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,6 +123,7 @@ type Endpoint struct {
 
 	// mu guards the reader lifetime fields and closed.
 	mu         sync.Mutex
+	dlMu       sync.Mutex // orders setting and clearing the read deadline
 	dispatcher stack.NetworkDispatcher
 	stop       chan struct{}
 	wg         sync.WaitGroup
@@ -244,21 +246,28 @@ func (e *Endpoint) Close() error {
 	e.stopReaderLocked()
 	onClose := e.onClose
 	e.onClose = nil
+	e.mu.Unlock()
+
+	// Wait without e.mu: a reader blocked on a netstack lock may need the
+	// stack to make progress, and the stack may call Attach meanwhile.
+	e.wg.Wait()
 
 	e.wmu.Lock()
 	e.wclosed = true
 	e.wstore, e.wbufs = nil, nil
 	e.wmu.Unlock()
 
+	var err error
 	if e.opts.CloseDevice {
-		if err := e.dev.Close(); err != nil {
-			e.closeErr = fmt.Errorf("tun: close device: %w", err)
+		if cerr := e.dev.Close(); cerr != nil {
+			err = fmt.Errorf("tun: close device: %w", cerr)
 		}
 	}
-	err := e.closeErr
+	e.mu.Lock()
+	e.closeErr = err
 	e.mu.Unlock()
-	// Outside the lock: the stack's action removes the NIC, which calls
-	// Attach(nil) and Close again.
+	// The stack's action removes the NIC, which calls Attach(nil) and Close
+	// again; both return at once now.
 	if onClose != nil {
 		onClose()
 	}
@@ -308,13 +317,16 @@ func (e *Endpoint) SetOnCloseAction(f func()) {
 // IsAttached implements stack.NetworkLinkEndpoint.
 func (e *Endpoint) IsAttached() bool { return e.attachedAt.Load() }
 
-// Wait implements stack.NetworkLinkEndpoint: it waits for the reader
-// goroutine, if any was stopped, to exit.
+// Wait implements stack.NetworkLinkEndpoint: it waits for the goroutines
+// of every stopped attachment to exit.
 func (e *Endpoint) Wait() { e.wg.Wait() }
 
 // Attach implements stack.NetworkLinkEndpoint. A non-nil dispatcher starts
-// the reader goroutine (replacing a running one); nil stops it and waits
-// for it.
+// the reader goroutine (replacing a running one); nil stops it.
+//
+// Attach does not wait for the old reader: gVisor calls Attach with the
+// stack lock held, and a reader delivering a packet may be waiting for that
+// very lock (a TCP reset looks up a route). Wait and Close wait.
 func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -330,24 +342,33 @@ func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 	go e.eventLoop(e.stop)
 }
 
-// stopReaderLocked stops the goroutines started by Attach and waits for
-// them. A read deadline in the past unblocks Device.Read without closing
-// the device; it is cleared again so a later Attach can read.
+// stopReaderLocked tells the goroutines started by Attach to stop. A read
+// deadline in the past unblocks Device.Read without closing the device; the
+// stopping reader clears it again on its way out (see clearDeadline), so a
+// later Attach can read.
 func (e *Endpoint) stopReaderLocked() {
 	if e.stop == nil {
 		return
 	}
+	e.dlMu.Lock()
 	close(e.stop)
-	if err := e.file.SetReadDeadline(time.Unix(1, 0)); err != nil {
+	if err := e.file.SetReadDeadline(time.Unix(1, 0)); err != nil && !errors.Is(err, os.ErrClosed) {
 		e.log.Warn("tun: cannot set read deadline to stop reader", "err", err)
 	}
-	e.wg.Wait()
-	if err := e.file.SetReadDeadline(time.Time{}); err != nil && !errors.Is(err, os.ErrClosed) {
-		e.log.Warn("tun: cannot clear read deadline", "err", err)
-	}
+	e.dlMu.Unlock()
 	e.stop = nil
 	e.dispatcher = nil
 	e.attachedAt.Store(false)
+}
+
+// clearDeadline is called by a reader that saw its stop channel closed.
+// dlMu orders it after the deadline set by stopReaderLocked.
+func (e *Endpoint) clearDeadline() {
+	e.dlMu.Lock()
+	defer e.dlMu.Unlock()
+	if err := e.file.SetReadDeadline(time.Time{}); err != nil && !errors.Is(err, os.ErrClosed) {
+		e.log.Warn("tun: cannot clear read deadline", "err", err)
+	}
 }
 
 // eventLoop drains Device.Events: wireguard-go's listeners block on the
@@ -378,6 +399,13 @@ func (e *Endpoint) eventLoop(stop <-chan struct{}) {
 // next read.
 func (e *Endpoint) readLoop(d stack.NetworkDispatcher, stop <-chan struct{}) {
 	defer e.wg.Done()
+	defer func() {
+		select {
+		case <-stop:
+			e.clearDeadline()
+		default:
+		}
+	}()
 	var g gro.GRO
 	g.Init(e.opts.GRO)
 	g.Dispatcher = &validatingDispatcher{NetworkDispatcher: d, e: e}
@@ -420,7 +448,9 @@ func (e *Endpoint) readLoop(d stack.NetworkDispatcher, stop <-chan struct{}) {
 		if err != nil {
 			switch {
 			case errors.Is(err, os.ErrDeadlineExceeded):
-				// Only Attach/Close set a deadline; loop to see stop.
+				// Our stop, or the deadline of a previous attachment whose
+				// reader has not cleared it yet: yield, then look at stop.
+				runtime.Gosched()
 				continue
 			case errors.Is(err, os.ErrClosed):
 				e.log.Debug("tun: device closed, reader exits")

@@ -14,7 +14,6 @@ command -v ss       >/dev/null || need+=(iproute2)
 command -v make     >/dev/null || need+=(make)
 command -v git      >/dev/null || need+=(git)
 command -v unshare  >/dev/null || need+=(util-linux) # scripts/isolated.sh
-command -v modprobe >/dev/null || need+=(kmod)       # .ci/run loads tun, veth, nf_tables
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then
 	echo "install-deps: need root to install: ${need[*]}" >&2

@@ -20,17 +20,18 @@ import (
 func BenchmarkThroughput(b *testing.B) {
 	requireRoot(b)
 	for _, bc := range []struct {
-		name          string
-		offloads, gro bool
+		name                   string
+		offloads, gro, hostGSO bool
 	}{
-		{"offloads/gro", true, true},
-		{"offloads/nogro", true, false},
-		{"nooffloads/gro", false, true},
+		{"offloads/gro", true, true, false},
+		{"offloads/nogro", true, false, false},
+		{"nooffloads/gro", false, true, false},
+		{"offloads/gro/hostgso", true, true, true},
 	} {
 		for _, dir := range []string{"k2g", "g2k"} {
 			b.Run(bc.name+"/"+dir, func(b *testing.B) {
 				f := newFixture(b, bc.offloads, 1500)
-				ep := newEndpointIn(b, f, Options{GRO: bc.gro})
+				ep := newEndpointIn(b, f, Options{GRO: bc.gro, HostGSO: bc.hostGSO})
 				s := newStack(b, ep)
 				waitReadyIn(b, f.ns, f.name)
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

@@ -17,6 +17,7 @@
 package tun
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -50,6 +51,16 @@ const (
 	// super-packet always fits (otherwise wireguard-go returns
 	// ErrTooManySegments and drops the rest).
 	minSegmentOverhead = 120
+
+	// gsoMaxSize bounds gVisor's super-segments so that headers still fit
+	// in one 64 KiB TUN write.
+	gsoMaxSize = maxPacket - minSegmentOverhead
+
+	// virtio-net header (linux/virtio_net.h), little-endian.
+	virtioNetHdrLen        = 10
+	virtioNetHdrFNeedsCsum = 1
+	virtioNetHdrGSOTCPv4   = 1
+	virtioNetHdrGSOTCPv6   = 4
 )
 
 // Options configures an Endpoint.
@@ -73,6 +84,11 @@ type Options struct {
 	// every CHECKSUM_PARTIAL packet); not safe for packets the kernel
 	// forwards from a real network.
 	TrustRXChecksums bool
+	// HostGSO lets gVisor hand over TCP super-segments (up to GSOMaxSize)
+	// that the kernel segments, written with a virtio-net header. Default
+	// off: a layer wrapping this endpoint that edits TCP options must see
+	// wire-sized segments. Needs an offload device (see CreateTUN).
+	HostGSO bool
 	// CloseDevice makes Close close the device as well.
 	CloseDevice bool
 	// Logger receives diagnostics; nil means slog.Default().
@@ -164,6 +180,9 @@ func NewEndpoint(dev wgtun.Device, opts Options) (*Endpoint, error) {
 	}
 	if devMTU <= 0 || devMTU > maxPacket {
 		return nil, fmt.Errorf("tun: invalid device MTU %d", devMTU)
+	}
+	if opts.HostGSO && dev.BatchSize() <= 1 {
+		return nil, errors.New("tun: HostGSO needs a device with virtio-net offloads")
 	}
 	if opts.Batch < 0 {
 		return nil, fmt.Errorf("tun: negative batch %d", opts.Batch)
@@ -551,29 +570,109 @@ func (e *Endpoint) writeChunk(chunk []*stack.PacketBuffer) (int, tcpip.Error) {
 	// headers are rebuilt from wstore on every call.
 	bufs := e.wbufs[:0]
 	var bytes uint64
+	written := 0
 	for i, pkt := range chunk {
 		b := e.wstore[i][:writeOffset]
 		for _, s := range pkt.AsSlices() {
 			b = append(b, s...)
 		}
 		bytes += uint64(len(b) - writeOffset)
+		if pkt.GSOOptions.Type != stack.GSONone {
+			// Keep the order: what is queued goes first.
+			if err := e.flush(bufs); err != nil {
+				return written, err
+			}
+			written += len(bufs)
+			bufs = bufs[:0]
+			if err := e.writeGSO(pkt, b); err != nil {
+				return written, err
+			}
+			written++
+			continue
+		}
 		bufs = append(bufs, b)
 	}
+	if err := e.flush(bufs); err != nil {
+		return written, err
+	}
+	written += len(bufs)
+	e.stats.packetsOut.Add(uint64(written))
+	e.stats.bytesOut.Add(bytes)
+	return written, nil
+}
+
+// flush writes bufs with one Device.Write call.
+func (e *Endpoint) flush(bufs [][]byte) tcpip.Error {
+	if len(bufs) == 0 {
+		return nil
+	}
 	e.stats.writeBatches.Add(1)
-	_, err := e.dev.Write(bufs, writeOffset)
-	if err != nil {
+	if _, err := e.dev.Write(bufs, writeOffset); err != nil {
 		e.stats.writeErrors.Add(1)
 		if errors.Is(err, os.ErrClosed) {
-			return 0, &tcpip.ErrClosedForSend{}
+			return &tcpip.ErrClosedForSend{}
 		}
 		// Some packets of the batch may have been written; the device does
 		// not say which, and TCP recovers the rest.
-		e.log.Debug("tun: write", "err", err, "packets", len(chunk))
-		return 0, &tcpip.ErrAborted{}
+		e.log.Debug("tun: write", "err", err, "packets", len(bufs))
+		return &tcpip.ErrAborted{}
 	}
-	e.stats.packetsOut.Add(uint64(len(chunk)))
-	e.stats.bytesOut.Add(bytes)
-	return len(chunk), nil
+	return nil
+}
+
+// writeGSO writes one gVisor super-segment with its own virtio-net header
+// straight to the device file: wireguard-go's Write only accepts plain
+// packets. b holds the packet after writeOffset bytes of headroom.
+func (e *Endpoint) writeGSO(pkt *stack.PacketBuffer, b []byte) tcpip.Error {
+	gso := pkt.GSOOptions
+	var h [virtioNetHdrLen]byte
+	if gso.NeedsCsum {
+		h[0] = virtioNetHdrFNeedsCsum
+		binary.LittleEndian.PutUint16(h[6:], gso.L3HdrLen)
+		binary.LittleEndian.PutUint16(h[8:], gso.CsumOffset)
+	}
+	binary.LittleEndian.PutUint16(h[2:], uint16(pkt.HeaderSize()))
+	if pkt.Data().Size() > int(gso.MSS) {
+		switch gso.Type {
+		case stack.GSOTCPv4:
+			h[1] = virtioNetHdrGSOTCPv4
+		case stack.GSOTCPv6:
+			h[1] = virtioNetHdrGSOTCPv6
+		default:
+			e.stats.drops.Add(1)
+			return &tcpip.ErrNotSupported{}
+		}
+		binary.LittleEndian.PutUint16(h[4:], gso.MSS)
+	}
+	frame := b[writeOffset-virtioNetHdrLen:]
+	copy(frame, h[:])
+	e.stats.writeBatches.Add(1)
+	if _, err := e.file.Write(frame); err != nil {
+		e.stats.writeErrors.Add(1)
+		if errors.Is(err, os.ErrClosed) {
+			return &tcpip.ErrClosedForSend{}
+		}
+		e.log.Debug("tun: gso write", "err", err, "len", len(frame))
+		return &tcpip.ErrAborted{}
+	}
+	return nil
+}
+
+// GSOMaxSize implements stack.GSOEndpoint.
+func (e *Endpoint) GSOMaxSize() uint32 {
+	if e.opts.HostGSO {
+		return gsoMaxSize
+	}
+	return 0
+}
+
+// SupportedGSO implements stack.GSOEndpoint: host GSO only with
+// Options.HostGSO.
+func (e *Endpoint) SupportedGSO() stack.SupportedGSO {
+	if e.opts.HostGSO {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
 }
 
 // validatingDispatcher checks the checksums of packets that GRO did not
@@ -606,4 +705,7 @@ func (l link) Close() {
 	}
 }
 
-var _ stack.LinkEndpoint = link{}
+var (
+	_ stack.LinkEndpoint = link{}
+	_ stack.GSOEndpoint  = link{}
+)

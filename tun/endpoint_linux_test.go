@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -68,15 +67,20 @@ func roundTrip(t *testing.T, c halfCloser, size int, seed uint64) {
 
 func TestEchoThroughTUN(t *testing.T) {
 	requireRoot(t)
-	for _, offloads := range []bool{true, false} {
-		for _, gro := range []bool{true, false} {
-			if !offloads && !gro {
-				continue // covered enough by the other three; keeps the package fast
-			}
-			name := "offloads=" + strconv.FormatBool(offloads) + "/gro=" + strconv.FormatBool(gro)
-			t.Run(name, func(t *testing.T) {
+	for _, cfg := range []struct {
+		name                   string
+		offloads, gro, hostGSO bool
+	}{
+		{"offloads/gro", true, true, false},
+		{"offloads/nogro", true, false, false},
+		{"nooffloads/gro", false, true, false},
+		{"offloads/gro/hostgso", true, true, true},
+	} {
+		{
+			offloads := cfg.offloads
+			t.Run(cfg.name, func(t *testing.T) {
 				f := newFixture(t, offloads, 1500)
-				ep := newEndpointIn(t, f, Options{GRO: gro})
+				ep := newEndpointIn(t, f, Options{GRO: cfg.gro, HostGSO: cfg.hostGSO})
 				require.Equal(t, offloads, ep.Offload())
 				s := newStack(t, ep)
 				waitReadyIn(t, f.ns, f.name)
@@ -152,6 +156,13 @@ func TestEchoThroughTUN(t *testing.T) {
 						require.GreaterOrEqual(t, after.BytesIn-before.BytesIn, uint64(echoSize))
 						require.GreaterOrEqual(t, after.BytesOut-before.BytesOut, uint64(echoSize))
 						require.Zero(t, after.ReadErrors)
+						require.Zero(t, after.ChecksumErrors)
+						outAvg := (after.BytesOut - before.BytesOut) / max(after.PacketsOut-before.PacketsOut, 1)
+						if cfg.hostGSO {
+							require.Greater(t, outAvg, uint64(1500), "host GSO must hand over super-segments")
+						} else {
+							require.LessOrEqual(t, outAvg, uint64(1500), "without host GSO every segment fits the MTU")
+						}
 						t.Logf("stats delta: in %d pkts/%d batches, out %d pkts/%d batches, drops %d",
 							after.PacketsIn-before.PacketsIn, after.ReadBatches-before.ReadBatches,
 							after.PacketsOut-before.PacketsOut, after.WriteBatches-before.WriteBatches,

@@ -165,7 +165,9 @@ func (l *Layer) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *sta
 
 func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 	pd := pkt.Data()
-	b, ok := pd.PullUp(min(pd.Size(), header.IPv6MinimumSize+header.TCPMinimumSize+maxTCPOptions))
+	// Largest headers: IPv4 with 40 bytes of options (more than IPv6's 40)
+	// and a full TCP header; less would let such a segment bypass its flow.
+	b, ok := pd.PullUp(min(pd.Size(), header.IPv4MaximumHeaderSize+header.TCPHeaderMaximumSize))
 	if !ok {
 		return true
 	}

@@ -644,3 +644,49 @@ func TestSendControlErrors(t *testing.T) {
 	require.NoError(t, tl.mux.SendACK(tup4, dssOpt(28, 0)))
 	require.Len(t, readOut(tl.ch), 1)
 }
+
+// withIPv4Options inserts n bytes of IPv4 NOP options into a v4 packet.
+func withIPv4Options(b []byte, n int) []byte {
+	out := append([]byte{}, b[:header.IPv4MinimumSize]...)
+	for range n {
+		out = append(out, 1) // IPOPT_NOP
+	}
+	out = append(out, b[header.IPv4MinimumSize:]...)
+	ip := header.IPv4(out)
+	ip.SetHeaderLength(uint8(header.IPv4MinimumSize + n))
+	ip.SetTotalLength(uint16(len(out)))
+	ip.SetChecksum(0)
+	ip.SetChecksum(^ip.CalculateChecksum())
+	return out
+}
+
+// A segment of a registered flow must reach the flow whatever its header
+// sizes: if it slipped past, gVisor would deliver bytes without a mapping.
+func TestLayerInboundLongHeaders(t *testing.T) {
+	ts := cat([]byte{nop, nop}, tsOpt(1, 2))
+	for _, tc := range []struct {
+		name   string
+		ipOpts int
+		tcpOpt []byte
+	}{
+		{"no IP options, 40 bytes of TCP options", 0, cat(ts, dssOpt(28, 3))},
+		{"20 bytes of IP options, 40 of TCP", 20, cat(ts, dssOpt(28, 3))},
+		{"40 bytes of IP options, 40 of TCP", 40, cat(ts, dssOpt(28, 3))},
+		{"40 bytes of IP options, 12 of TCP", 40, ts},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tl := newTestLayer(t)
+			f := &fakeFlow{accept: true}
+			tl.mux.Register(tup4, f)
+			r := rawSeg{t: tup4.Reverse(), seq: 10, ack: 20, flags: header.TCPFlagAck, wnd: 30, opts: tc.tcpOpt, payload: payloadOf(50)}
+			b := withIPv4Options(r.bytes(), tc.ipOpts)
+			require.True(t, tcpSumOK(b))
+			tl.receive(b)
+			in := f.incoming()
+			require.Len(t, in, 1, "the flow sees the segment")
+			require.Equal(t, tc.tcpOpt, in[0].opts)
+			require.Equal(t, 50, in[0].payloadLen)
+			require.Len(t, tl.disp.delivered(), 1)
+		})
+	}
+}

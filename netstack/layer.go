@@ -208,6 +208,11 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 		l.mux.Stats.BadChecksumIn.Add(1)
 		return false
 	}
+	// Link padding (short Ethernet frames) is not part of the segment: it
+	// must not enter the checksum or the payload sum.
+	if ip.hdrLen+totalLen < pd.Size() {
+		pd.CapLength(ip.hdrLen + totalLen)
+	}
 	if !pkt.RXChecksumValidated {
 		sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, ip.src, ip.dst, uint16(totalLen))
 		sum = checksum.Combine(sum, pd.ChecksumAtOffset(ip.hdrLen))

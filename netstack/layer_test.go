@@ -434,6 +434,17 @@ func TestLayerSACKTrim(t *testing.T) {
 func TestLayerInbound(t *testing.T) {
 	ts := cat([]byte{nop, nop}, tsOpt(1, 2))
 	corrupt := func(b []byte) []byte { b[len(b)-1] ^= 0x40; return b }
+	// Link-layer padding beyond the IP length (short Ethernet frames) is
+	// not part of the segment.
+	pad := func(b []byte) []byte { return append(b, 0xde, 0xad, 0xbe, 0xef, 0x01) }
+	// Zero the TCP checksum and put the missing sum into two bytes of
+	// padding: summed to the end of the buffer it would look valid.
+	sumInPadding := func(b []byte) []byte {
+		th := header.TCP(b[len(b)-len(payloadOf(300))-header.TCPMinimumSize-20:])
+		c := th.Checksum()
+		th.SetChecksum(0)
+		return append(b, byte(c>>8), byte(c))
+	}
 	for _, tc := range []struct {
 		name       string
 		t          Tuple // our side
@@ -451,6 +462,10 @@ func TestLayerInbound(t *testing.T) {
 		{"v4 bad checksum dropped", tup4, true, true, header.TCPFlagAck, corrupt, false, false, 1},
 		{"v6 bad checksum dropped", tup6, true, true, header.TCPFlagAck, corrupt, false, false, 1},
 		{"truncated packet dropped", tup4, true, true, header.TCPFlagAck, func(b []byte) []byte { return b[:len(b)-10] }, false, false, 1},
+		{"v4 link padding trimmed", tup4, true, true, header.TCPFlagAck, pad, true, true, 0},
+		{"v6 link padding trimmed", tup6, true, true, header.TCPFlagAck, pad, true, true, 0},
+		{"v4 padding cannot validate a bad checksum", tup4, true, true, header.TCPFlagAck, sumInPadding, false, false, 1},
+		{"v6 padding cannot validate a bad checksum", tup6, true, true, header.TCPFlagAck, sumInPadding, false, false, 1},
 		{"unregistered passes through", tup4, false, true, header.TCPFlagAck, nil, false, true, 0},
 		{"unregistered bad checksum left to gVisor", tup6, false, true, header.TCPFlagAck, corrupt, false, true, 0},
 	} {
@@ -460,7 +475,7 @@ func TestLayerInbound(t *testing.T) {
 			if tc.register {
 				tl.mux.Register(tc.t, f)
 			}
-			r := rawSeg{t: tc.t.Reverse(), seq: 5000, ack: 6000, flags: tc.flags, wnd: 700, opts: cat(ts, dssOpt(8, 1)), payload: payloadOf(301)}
+			r := rawSeg{t: tc.t.Reverse(), seq: 5000, ack: 6000, flags: tc.flags, wnd: 700, opts: cat(ts, dssOpt(8, 1)), payload: payloadOf(300)}
 			b := r.bytes()
 			if tc.mangle != nil {
 				b = tc.mangle(b)
@@ -475,7 +490,7 @@ func TestLayerInbound(t *testing.T) {
 				require.EqualValues(t, 700, s.wnd)
 				require.Equal(t, tc.flags, s.flags)
 				require.Equal(t, cat(ts, dssOpt(8, 1)), s.opts)
-				require.Equal(t, 301, s.payloadLen)
+				require.Equal(t, 300, s.payloadLen)
 				require.Equal(t, checksum.Checksum(r.payload, 0), s.payloadSum)
 				require.Same(t, tl.l, s.via)
 			} else {
@@ -484,7 +499,11 @@ func TestLayerInbound(t *testing.T) {
 			up := tl.disp.delivered()
 			if tc.wantUp {
 				require.Len(t, up, 1)
-				require.Equal(t, b, up[0], "delivered unchanged")
+				want := b
+				if tc.register {
+					want = r.bytes() // trimmed to the IP length
+				}
+				require.Equal(t, want, up[0], "delivered unchanged")
 			} else {
 				require.Empty(t, up)
 				require.EqualValues(t, 1, tl.mux.Stats.DroppedIn.Load())

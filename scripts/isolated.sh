@@ -28,8 +28,19 @@ exec unshare --mount --net --propagation private -- bash -c '
 	set -u
 	mount -t tmpfs -o mode=0755 mptun-netns /run/netns
 	ip link set lo up
+	# The command runs in the background so a signal reaches the trap at
+	# once; the trap passes it on and still cleans up (processes that stay
+	# in a test namespace would otherwise outlive this one).
+	# setsid: its own process group, so the signal reaches every process
+	# of the command (go test and its test binaries), not just the first.
+	setsid "$@" &
+	pid=$!
+	stop() { kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; wait "$pid"; bash "'"$here"'/cleanup.sh" || true; exit "$1"; }
+	trap "stop 130" INT
+	trap "stop 143" TERM
 	status=0
-	"$@" || status=$?
+	wait "$pid" || status=$?
+	trap - INT TERM
 	bash "'"$here"'/cleanup.sh" || true
 	exit "$status"
 ' isolated "$@"

@@ -185,8 +185,9 @@ func (e *Emulator) Run(ctx context.Context) error {
 	for _, d := range e.dirs {
 		sh := newShaper(d.params, time.Unix(0, d.epoch.Load()))
 		wg.Add(2)
-		go func() { defer wg.Done(); errc <- d.readLoop(ctx, sh) }()
-		go func() { defer wg.Done(); errc <- d.writeLoop(ctx) }()
+		// A failing loop stops the whole emulator: half a link is worse than none.
+		go func() { defer wg.Done(); err := d.readLoop(ctx, sh); errc <- err; stopOn(err, cancel) }()
+		go func() { defer wg.Done(); err := d.writeLoop(ctx); errc <- err; stopOn(err, cancel) }()
 	}
 	<-ctx.Done()
 	closeErr := errors.Join(e.socks[0].Close(), e.socks[1].Close())
@@ -203,6 +204,12 @@ func (e *Emulator) Run(ctx context.Context) error {
 	}
 	e.log.Debug("linkemu stopped", "ab", e.Stats(AtoB), "ba", e.Stats(BtoA), "err", first)
 	return first
+}
+
+func stopOn(err error, cancel context.CancelFunc) {
+	if err != nil {
+		cancel()
+	}
 }
 
 func (d *direction) get() *[]byte { return d.pool.Get().(*[]byte) }

@@ -3,6 +3,7 @@ module github.com/mptun/mptun
 go 1.26.3
 
 require (
+	github.com/BurntSushi/toml v1.6.0
 	github.com/google/nftables v0.3.0
 	github.com/stretchr/testify v1.12.1
 	github.com/vishvananda/netlink v1.3.1

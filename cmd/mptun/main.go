@@ -24,6 +24,12 @@ usage:
   mptun listen [--uplink IFACE]... [--once] [flags] :PORT
       accept MPTCP (and plain TCP) connections arriving over the uplinks
 
+  mptun genkey
+      print a new pre-shared key (32 random bytes, base64)
+  mptun server --listen ADDR:PORT --key-file KEYFILE [--kernel] [--uplink IFACE]...
+               [--metrics ADDR] [--allow-private] [--allow-fallback] [--config FILE]
+      the concentrator: authenticates clients and relays their flows
+
 common flags:
   --checksum        request DSS checksums
   --log-level L     debug, info, warn (default), error
@@ -47,6 +53,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = cmdConnect(ctx, args[1:], stdin, stdout, stderr)
 	case "listen":
 		err = cmdListen(ctx, args[1:], stdin, stdout, stderr)
+	case "server":
+		err = cmdServer(ctx, args[1:], stderr)
+	case "genkey":
+		err = cmdGenkey(args[1:], stdout)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

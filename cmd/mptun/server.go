@@ -1,0 +1,211 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/mptun/mptun/bond/server"
+	"github.com/mptun/mptun/hostnet"
+)
+
+// cmdServer runs the concentrator until ctx ends.
+func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("server", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cf commonFlags
+	cf.register(fs)
+	listen := fs.String("listen", "", "accept clients on `ADDR:PORT`")
+	keyFile := fs.String("key-file", "", "pre-shared key `FILE` (from `mptun genkey`)")
+	kernel := fs.Bool("kernel", false, "accept with the kernel's MPTCP sockets instead of the userspace stack")
+	metrics := fs.String("metrics", "", "serve Prometheus metrics on `ADDR` (/metrics)")
+	allowPrivate := fs.Bool("allow-private", false, "let clients reach loopback, link-local and the server's own addresses")
+	allowFallback := fs.Bool("allow-fallback", false, "accept clients whose MPTCP keys are unknown (plain TCP): their authenticator is replayable")
+	perClient := fs.Int("max-conns-per-client", 256, "concurrent connections per client address")
+	tcpIdle := fs.Duration("tcp-idle", 2*time.Hour, "close TCP flows idle this long")
+	udpIdle := fs.Duration("udp-idle", 60*time.Second, "close UDP associations idle this long")
+	configPath := fs.String("config", "", "TOML config `FILE` ([server] section); flags override it")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() != 0 {
+		return usageError{fmt.Errorf("unexpected arguments %q", fs.Args())}
+	}
+	if *configPath != "" {
+		fc, err := loadConfig(*configPath)
+		if err != nil {
+			return err
+		}
+		if err := applyConfig(fs, fc.Server.flagValues()); err != nil {
+			return err
+		}
+	}
+	if *listen == "" {
+		return usageError{errors.New("--listen ADDR:PORT is required")}
+	}
+	ap, err := netip.ParseAddrPort(*listen)
+	if err != nil || ap.Port() == 0 {
+		return usageError{fmt.Errorf("--listen %q: want ADDR:PORT", *listen)}
+	}
+	psk, err := readKeyFile(*keyFile)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(cf.logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	own := &ownAddrs{}
+	cfg := server.Config{
+		PSK:               psk,
+		AllowPrivate:      *allowPrivate,
+		AllowUnbound:      *allowFallback,
+		OwnAddrs:          own.get,
+		MaxConnsPerClient: *perClient,
+		TCPIdle:           *tcpIdle,
+		UDPIdle:           *udpIdle,
+		Logger:            log,
+	}
+	var l net.Listener
+	var mib func() map[string]uint64
+	if *kernel {
+		// The kernel does not expose the MPTCP keys of its sockets, so the
+		// authenticator cannot be bound to them: clients must use zero keys.
+		cfg.AllowUnbound = true
+		log.Warn("kernel mode: authentication is not bound to MPTCP keys (a captured request can be replayed)")
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(true)
+		kl, err := lc.Listen(ctx, "tcp", ap.String())
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", ap, err)
+		}
+		l = kl
+	} else {
+		if len(cf.uplinks) == 0 {
+			iface, err := ifaceHolding(ap.Addr())
+			if err != nil {
+				return usageError{fmt.Errorf("--uplink not given and %w", err)}
+			}
+			spec, err := hostnet.ParseUplinkSpec(iface)
+			if err != nil {
+				return err
+			}
+			cf.uplinks = append(cf.uplinks, spec)
+		}
+		eng, err := startEngine(ctx, hostnet.ModeListen, &cf, ap.Port(), log)
+		if err != nil {
+			return err
+		}
+		defer eng.Close()
+		ml, err := eng.ep.Listen(ap.Port())
+		if err != nil {
+			return err
+		}
+		l = ml
+		mib = eng.ep.MIB.Snapshot
+	}
+	srv, err := server.New(cfg)
+	if err != nil {
+		return err
+	}
+	if *metrics != "" {
+		stop, err := serveMetrics(ctx, *metrics, srv, mib, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	log.Info("concentrator ready", "listen", ap, "kernel", *kernel, "uplinks", cf.uplinks.String())
+	err = srv.Serve(ctx, l)
+	if errors.Is(err, context.Canceled) {
+		log.Info("shutting down")
+		return nil
+	}
+	return err
+}
+
+// serveMetrics serves /metrics until stop is called.
+func serveMetrics(ctx context.Context, addr string, srv *server.Server, mib func() map[string]uint64, log *slog.Logger) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		var m map[string]uint64
+		if mib != nil {
+			m = mib()
+		}
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		if err := srv.WriteMetrics(w, m); err != nil {
+			log.Debug("metrics", "err", err)
+		}
+	})
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	go func() {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+	return func() { _ = hs.Close() }, nil
+}
+
+// ifaceHolding returns the interface that holds a.
+func ifaceHolding(a netip.Addr) (string, error) {
+	if a.IsUnspecified() {
+		return "", fmt.Errorf("listen address %s is unspecified: name the interfaces with --uplink", a)
+	}
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return "", fmt.Errorf("list interfaces: %w", err)
+	}
+	for _, ifc := range ifs {
+		addrs, err := ifc.Addrs()
+		if err != nil {
+			continue
+		}
+		for _, x := range addrs {
+			if p, err := netip.ParsePrefix(x.String()); err == nil && p.Addr().Unmap() == a.Unmap() {
+				return ifc.Name, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("no interface holds %s", a)
+}
+
+// ownAddrs caches the host's addresses for the destination policy
+// (refreshed at most every 10 s: addresses change rarely, requests often).
+type ownAddrs struct {
+	mu    sync.Mutex
+	at    time.Time
+	addrs []netip.Addr
+}
+
+func (o *ownAddrs) get() []netip.Addr {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if time.Since(o.at) < 10*time.Second {
+		return o.addrs
+	}
+	as, err := net.InterfaceAddrs()
+	if err != nil {
+		return o.addrs
+	}
+	// A new slice: callers may still be reading the old one.
+	var addrs []netip.Addr
+	for _, x := range as {
+		if p, err := netip.ParsePrefix(x.String()); err == nil {
+			addrs = append(addrs, p.Addr().Unmap())
+		}
+	}
+	o.at, o.addrs = time.Now(), addrs
+	return addrs
+}

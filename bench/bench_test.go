@@ -37,6 +37,8 @@ func TestParseIperf(t *testing.T) {
 			require.Equal(t, tc.wantBps, r.End.SumReceived.BitsPerSecond)
 			require.NotNil(t, r.End.SumSent.Retransmits)
 			require.Equal(t, 162, *r.End.SumSent.Retransmits)
+			require.InDelta(t, 0.7175622867688365, r.End.CPU.HostTotal, 1e-12)
+			require.InDelta(t, 1.1260091708904145, r.End.CPU.RemoteTotal, 1e-12)
 		})
 	}
 	require.True(t, refused([]byte(`{"error":"unable to connect to server: Connection refused"}`)))

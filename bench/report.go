@@ -29,7 +29,7 @@ func writeMarkdown(w io.Writer, meta Meta, scenarios []Scenario, runs []Run, plo
 	if meta.Note != "" {
 		fmt.Fprintf(&b, "- Note: %s\n", meta.Note)
 	}
-	b.WriteString("\nGoodput is iperf3's receiver rate; ratio is goodput over the sum of the path rates; shares are each path's part of the wire bytes in the transfer direction (client interface counters); retrans are the sender's TCP RetransSegs (subflows included); CPU is machine-wide busy time minus the emulator process per Gbit of goodput (noisy on a shared machine). Failover: time the total throughput spent below 50% of the surviving path's rate during the outage.\n\n")
+	b.WriteString("\nGoodput is iperf3's receiver rate; ratio is goodput over the sum of the path rates; shares are each path's part of the wire bytes in the transfer direction (client interface counters); retrans are the sender's TCP RetransSegs (subflows included); CPU is the user+system time of both iperf3 processes per Gbit of goodput (results.json also has machine-wide CPU minus the emulator, which is meaningless while others share the machine). Failover: time the total throughput spent below 50% of the surviving path's rate during the outage.\n\n")
 	b.WriteString("## Scenarios\n\n| # | name | paths (rate, one-way delay, loss, outages) |\n|---|---|---|\n")
 	for _, s := range scenarios {
 		var ps []string

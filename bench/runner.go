@@ -27,9 +27,13 @@ type Run struct {
 	Shares []float64 `json:"shares"`
 	// Retrans counts TCP segments (subflows included) the sender retransmitted.
 	Retrans uint64 `json:"retrans"`
-	// CPUPerGbit is machine-wide busy CPU seconds, minus this process (the
-	// emulators), per Gbit of goodput. Noisy on a shared machine.
+	// CPUPerGbit is the CPU seconds of both iperf3 processes (user and
+	// system time, which includes most of the kernel TCP/MPTCP work done in
+	// their context) per Gbit of goodput.
 	CPUPerGbit float64 `json:"cpu_s_per_gbit"`
+	// MachineCPUPerGbit is machine-wide busy CPU minus this process (the
+	// emulators) per Gbit: complete, but useless on a shared machine.
+	MachineCPUPerGbit float64 `json:"machine_cpu_s_per_gbit"`
 	// BelowHalf is, for outage scenarios, the time the total throughput
 	// spent below half of the surviving paths' rate during the outage.
 	BelowHalf *float64 `json:"below_half_s,omitempty"`
@@ -151,7 +155,9 @@ func (r *runner) transfer(ctx context.Context, topo *lab.Topology, sc Scenario, 
 	run.Timeline = timeline(smp.s, dir)
 	run.Retrans = re1 - re0
 	if gbit := res.End.SumReceived.Bytes * 8 / 1e9; gbit > 0 {
-		run.CPUPerGbit = max(0, (busy1-busy0-(self1-self0)).Seconds()) / gbit
+		secs := res.End.SumReceived.Seconds
+		run.CPUPerGbit = (res.End.CPU.HostTotal + res.End.CPU.RemoteTotal) / 100 * secs / gbit
+		run.MachineCPUPerGbit = max(0, (busy1-busy0-(self1-self0)).Seconds()) / gbit
 	}
 	if pi, o, ok := sc.outage(); ok {
 		var surviving float64

@@ -60,7 +60,10 @@ type Spec struct {
 	// Net is the X in the 10.X.Y.0/24 path subnets (default 77).
 	Net byte
 	// MTU of the path links (default 1500).
-	MTU    int
+	MTU int
+	// IPv6 keeps IPv6 enabled on the links. Off by default: link-local
+	// chatter (ND, MLD) would otherwise cross the emulators and skew counters.
+	IPv6   bool
 	Logger *slog.Logger
 }
 
@@ -178,6 +181,15 @@ func (t *Topology) build(ctx context.Context, spec Spec) error {
 		}
 		if err := ipCmd(ctx, "-n", ns.Name, "link", "set", "lo", "up"); err != nil {
 			return fmt.Errorf("lab: %w", err)
+		}
+	}
+	if !spec.IPv6 {
+		for _, ns := range t.nsList {
+			for _, k := range []string{"all", "default"} {
+				if err := ns.WriteSysctl("net/ipv6/conf/"+k+"/disable_ipv6", "1"); err != nil {
+					return fmt.Errorf("lab: %w", err)
+				}
+			}
 		}
 	}
 	for _, ns := range []*NS{t.Client, t.Server} {

@@ -45,11 +45,16 @@ type DirStats struct {
 	DropOutage        uint64 // link down
 	DropOverflow      uint64 // MaxInFlight exceeded or oversized frame
 	DropSend          uint64 // kernel refused the frame on egress
+	// DropRx counts frames the kernel dropped before the emulator read
+	// them (socket buffer full): the emulator is overloaded. Updated by
+	// Stats and at the end of Run.
+	DropRx uint64
 }
 
 type counters struct {
 	rxFrames, rxBytes, txFrames, txBytes                         atomic.Uint64
 	dropLoss, dropQueue, dropOutage, dropOverflow, dropSendStats atomic.Uint64
+	dropRx                                                       atomic.Uint64
 }
 
 type frame struct {
@@ -79,6 +84,8 @@ type Emulator struct {
 	socks [2]*packetSock
 	log   *slog.Logger
 	ran   atomic.Bool
+	// statsMu serialises read-and-reset of the kernel drop counters.
+	statsMu sync.Mutex
 }
 
 // Open validates cfg and opens the AF_PACKET sockets. It must be called
@@ -145,13 +152,27 @@ func (e *Emulator) SetDown(d Dir, down bool) { e.dirs[d].forceDown.Store(down) }
 
 // Stats returns the counters of direction d.
 func (e *Emulator) Stats(d Dir) DirStats {
+	e.pollKernelDrops()
 	c := &e.dirs[d].c
 	return DirStats{
 		RxFrames: c.rxFrames.Load(), RxBytes: c.rxBytes.Load(),
 		TxFrames: c.txFrames.Load(), TxBytes: c.txBytes.Load(),
 		DropLoss: c.dropLoss.Load(), DropQueue: c.dropQueue.Load(),
 		DropOutage: c.dropOutage.Load(), DropOverflow: c.dropOverflow.Load(),
-		DropSend: c.dropSendStats.Load(),
+		DropSend: c.dropSendStats.Load(), DropRx: c.dropRx.Load(),
+	}
+}
+
+// pollKernelDrops folds the sockets' kernel drop counters (which reset on
+// read) into the directions reading them. Closed sockets report errors,
+// after which the last folded value stands.
+func (e *Emulator) pollKernelDrops() {
+	e.statsMu.Lock()
+	defer e.statsMu.Unlock()
+	for _, d := range e.dirs {
+		if n, err := d.in.kernelDrops(); err == nil {
+			d.c.dropRx.Add(n)
+		}
 	}
 }
 
@@ -190,6 +211,7 @@ func (e *Emulator) Run(ctx context.Context) error {
 		go func() { defer wg.Done(); err := d.writeLoop(ctx); errc <- err; stopOn(err, cancel) }()
 	}
 	<-ctx.Done()
+	e.pollKernelDrops()
 	closeErr := errors.Join(e.socks[0].Close(), e.socks[1].Close())
 	wg.Wait()
 	close(errc)

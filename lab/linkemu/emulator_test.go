@@ -95,8 +95,11 @@ func TestRTTIsTwiceDelay(t *testing.T) {
 			slices.Sort(rtts)
 			median := rtts[len(rtts)/2]
 			t.Logf("delay %v: rtt min %v median %v max %v", tc.delay, rtts[0], median, rtts[len(rtts)-1])
-			require.InDelta(t, float64(2*tc.delay), float64(median), float64(time.Millisecond))
+			// Scheduling noise of a loaded machine only adds: the minimum is
+			// the emulator's RTT, the median a sanity check.
 			require.GreaterOrEqual(t, rtts[0], 2*tc.delay)
+			require.Less(t, rtts[0], 2*tc.delay+time.Millisecond)
+			require.Less(t, median, 2*tc.delay+5*time.Millisecond)
 		})
 	}
 }
@@ -150,7 +153,9 @@ func TestRateWithinFivePercent(t *testing.T) {
 	}{{20_000_000, 1400}, {50_000_000, 1000}}
 	for _, tc := range tests {
 		t.Run("", func(t *testing.T) {
-			topo := newTopo(t, lab.Path{Rate: tc.rate})
+			// A deep queue keeps the link busy through pauses of the sender on
+			// a loaded machine; an idle link would read as a low rate.
+			topo := newTopo(t, lab.Path{Rate: tc.rate, QueueBytes: int(tc.rate / 8 / 2)})
 			srv, cli := udpPair(t, topo)
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
@@ -170,8 +175,8 @@ func TestRateWithinFivePercent(t *testing.T) {
 					recvTimes = append(recvTimes, time.Now())
 				}
 			}()
-			// Offer 1.5x the rate so the bottleneck is always busy.
-			_, err := blast(ctx, cli, tc.size, 1.5*float64(tc.rate), 1500*time.Millisecond)
+			// Offer 2x the rate so the bottleneck is always busy.
+			_, err := blast(ctx, cli, tc.size, 2*float64(tc.rate), 1500*time.Millisecond)
 			require.NoError(t, err)
 			<-done
 			require.Greater(t, len(got), 100)
@@ -187,7 +192,7 @@ func TestRateWithinFivePercent(t *testing.T) {
 			t.Logf("rate %d: measured %.2f Mbit/s of frames", tc.rate, gotRate/1e6)
 			require.InEpsilon(t, float64(tc.rate), gotRate, 0.05)
 			st := topo.Paths[0].Emulator.Stats(linkemu.AtoB)
-			require.Positive(t, st.DropQueue, "offering 1.5x the rate must fill the queue")
+			require.Positive(t, st.DropQueue, "offering 2x the rate must fill the queue")
 		})
 	}
 }
@@ -217,8 +222,9 @@ func TestLossWithinStatisticalBounds(t *testing.T) {
 			var got []rx
 			done := make(chan struct{})
 			go func() { defer close(done); got = collect(srv, 500*time.Millisecond) }()
-			// 100 Mbit/s of 200-byte datagrams: fast, yet far below the ceiling.
-			sentAt, err := blast(ctx, cli, 200, float64(tc.n)*200*8/0.8, 800*time.Millisecond)
+			// Spread over 1.6 s: fast, yet far below the ceiling even when
+			// the machine is busy.
+			sentAt, err := blast(ctx, cli, 200, float64(tc.n)*200*8/1.6, 1600*time.Millisecond)
 			require.NoError(t, err)
 			<-done
 			sent := len(sentAt)
@@ -226,8 +232,10 @@ func TestLossWithinStatisticalBounds(t *testing.T) {
 			sd := math.Sqrt(float64(sent) * tc.loss * (1 - tc.loss))
 			st := topo.Paths[0].Emulator.Stats(linkemu.AtoB)
 			t.Logf("loss %v: sent %d received %d (emulator dropped %d)", tc.loss, sent, len(got), st.DropLoss)
+			require.Zero(t, st.DropRx, "emulator fell behind: the kernel dropped frames before it read them")
 			require.InDelta(t, float64(sent)*tc.loss, lost, 5*sd)
-			require.Equal(t, float64(st.DropLoss), lost, "every loss must be the emulator's")
+			// An ARP exchange may also cross the lossy link.
+			require.InDelta(t, float64(st.DropLoss), lost, 3, "every loss must be the emulator's")
 		})
 	}
 }

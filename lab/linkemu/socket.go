@@ -79,6 +79,20 @@ func openPacketSock(ifname string) (*packetSock, error) {
 
 func (s *packetSock) Close() error { return s.f.Close() }
 
+// kernelDrops returns, and resets, the number of frames the kernel dropped
+// because this socket's receive buffer was full: the emulator fell behind.
+func (s *packetSock) kernelDrops() (uint64, error) {
+	var st *unix.TpacketStats
+	var gerr error
+	err := s.rc.Control(func(fd uintptr) {
+		st, gerr = unix.GetsockoptTpacketStats(int(fd), unix.SOL_PACKET, unix.PACKET_STATISTICS)
+	})
+	if err = errors.Join(err, gerr); err != nil {
+		return 0, fmt.Errorf("PACKET_STATISTICS %s: %w", s.name, err)
+	}
+	return uint64(st.Drops), nil
+}
+
 // mmsgs is per-goroutine scratch space for batched calls.
 type mmsgs struct {
 	hdrs [batch]mmsghdr

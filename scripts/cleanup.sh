@@ -9,13 +9,15 @@
 # `make test` does), never on the host while someone else's tests run.
 #
 # Prefixes (grep the tests before adding a new one, and add it here):
-#   namespaces  mtc-* (integration), mtt-* (tun), mtl-* (lab, bench),
-#               mth-* (hostnet), mte-*, mtn-* (engine/netstack tests)
-#   links       mtc*, mtt*, mtl*, mth*, mte*, mtn*, mpt* (hostnet TUNs
-#               <prefix><instance>u<N>, default prefix mpt, and test veths)
+#   namespaces  mtc-* (integration kernel capture), mpi-* (integration
+#               interop), mtt-* (tun), mtl-* (lab, bench), mth-* (hostnet),
+#               mte-*, mtn-* (reserved: engine/netstack tests)
+#   links       mtc*, mtt*, mtl*, mth*, mte*, mtn*, mpi*, mpt* (hostnet
+#               TUNs <prefix><instance>u<N>, bond/client's mptun0, test veths)
 #   nftables    tables mptun_*, and rules commented mptun_* in other tables
 #   rules       policy rules whose iif is one of the links above, plus the
-#               rules and routes of the tables they point to
+#               rules and routes of the tables they point to; bond/client's
+#               rules at priorities 7299-7301 and its table 28016 (0x6d70)
 set -uo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -23,8 +25,8 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 0
 fi
 
-ns_re='^(mtc|mtt|mtl|mth|mte|mtn)-'
-link_re='^(mtc|mtt|mtl|mth|mte|mtn|mpt)'
+ns_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi)-'
+link_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi|mpt)'
 failed=0
 removed=0
 
@@ -75,6 +77,25 @@ if command -v ip >/dev/null; then
 		ip -4 route flush table "$table" 2>/dev/null || true
 		note "removed policy rules at priority $pref and routes of table $table"
 		removed=$((removed + 1))
+	done
+
+	# bond/client's default-route rules (wg-quick style, priorities
+	# 7299-7301): into its table 0x6d70 (28016, "mp") and the suppress and
+	# exclude rules into main at those priorities. Its TUN is mptun0.
+	for fam in -4 -6; do
+		while read -r pref table; do
+			while ip "$fam" rule del pref "$pref" table "$table" 2>/dev/null; do :; done
+			note "removed bond/client rules ($fam) at priority $pref into table $table"
+			removed=$((removed + 1))
+		done < <(ip "$fam" rule show 2>/dev/null | awk '
+			{ pref = $1; sub(":", "", pref); tbl = ""
+			  for (i = 2; i < NF; i++) if ($i == "lookup") tbl = $(i + 1)
+			  if (pref >= 7299 && pref <= 7301 && (tbl == "28016" || tbl == "main")) print pref, tbl }' | sort -u)
+		if [ -n "$(ip "$fam" route show table 28016 2>/dev/null)" ]; then
+			ip "$fam" route flush table 28016 2>/dev/null || true
+			note "flushed routing table 28016 ($fam)"
+			removed=$((removed + 1))
+		fi
 	done
 
 	for link in $(ip -o link show 2>/dev/null | awk -F': ' '{sub("@.*", "", $2); print $2}' | grep -E "$link_re"); do

@@ -147,6 +147,9 @@ type Endpoint struct {
 	onClose    func()
 	closeErr   error
 	attachedAt atomic.Bool
+	// alive counts running reader and event goroutines, delivering the
+	// readers inside a delivery to the stack (see Wait).
+	alive, delivering atomic.Int32
 
 	// wmu serialises writers: without a qdisc gVisor may call
 	// WritePackets concurrently, and the scratch buffers are shared.
@@ -337,8 +340,19 @@ func (e *Endpoint) SetOnCloseAction(f func()) {
 func (e *Endpoint) IsAttached() bool { return e.attachedAt.Load() }
 
 // Wait implements stack.NetworkLinkEndpoint: it waits for the goroutines
-// of every stopped attachment to exit.
-func (e *Endpoint) Wait() { e.wg.Wait() }
+// of every stopped attachment to exit, except for a reader that is still
+// handing a batch to the stack. gVisor's Stack.Wait calls Wait with the
+// stack lock held, and such a reader may be waiting for that lock; it reads
+// no more and exits after the batch. Close waits for everything.
+func (e *Endpoint) Wait() {
+	for {
+		alive := e.alive.Load()
+		if alive == 0 || alive == e.delivering.Load() {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
 
 // Attach implements stack.NetworkLinkEndpoint. A non-nil dispatcher starts
 // the reader goroutine (replacing a running one); nil stops it.
@@ -357,6 +371,7 @@ func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 	e.stop = make(chan struct{})
 	e.attachedAt.Store(true)
 	e.wg.Add(2)
+	e.alive.Add(2)
 	go e.readLoop(d, e.stop)
 	go e.eventLoop(e.stop)
 }
@@ -395,6 +410,7 @@ func (e *Endpoint) clearDeadline() {
 // neither report state nor shut down cleanly.
 func (e *Endpoint) eventLoop(stop <-chan struct{}) {
 	defer e.wg.Done()
+	defer e.alive.Add(-1)
 	events := e.dev.Events()
 	for {
 		select {
@@ -418,6 +434,7 @@ func (e *Endpoint) eventLoop(stop <-chan struct{}) {
 // next read.
 func (e *Endpoint) readLoop(d stack.NetworkDispatcher, stop <-chan struct{}) {
 	defer e.wg.Done()
+	defer e.alive.Add(-1)
 	defer func() {
 		select {
 		case <-stop:
@@ -493,6 +510,7 @@ func (e *Endpoint) readLoop(d stack.NetworkDispatcher, stop <-chan struct{}) {
 			continue
 		}
 		e.stats.readBatches.Add(1)
+		e.delivering.Add(1)
 		var pkts, bytes uint64
 		for i := 0; i < cnt; i++ {
 			size := sizes[i]
@@ -524,6 +542,7 @@ func (e *Endpoint) readLoop(d stack.NetworkDispatcher, stop <-chan struct{}) {
 			bytes += uint64(size)
 		}
 		g.Flush()
+		e.delivering.Add(-1)
 		e.stats.packetsIn.Add(pkts)
 		e.stats.bytesIn.Add(bytes)
 	}

@@ -262,3 +262,56 @@ func TestCloseDevice(t *testing.T) {
 	_, err := f.dev.File().Write([]byte{0x45})
 	require.ErrorIs(t, err, os.ErrClosed)
 }
+
+// TestTeardownUnderLoad closes the stack while the kernel is sending into
+// the TUN. gVisor's Stack.Wait holds the stack lock while it calls the
+// link's Attach(nil) and Wait, and a reader in the middle of a delivery
+// needs that lock: a Wait that joins such a reader deadlocks.
+func TestTeardownUnderLoad(t *testing.T) {
+	requireRoot(t)
+	for round := 0; round < 4; round++ {
+		t.Run(strings.Repeat("r", round+1), func(t *testing.T) {
+			f := newFixture(t, true, 1500)
+			ep := newEndpointIn(t, f, Options{GRO: round%2 == 0})
+			s := newStack(t, ep)
+			waitReadyIn(t, f.ns, f.name)
+			ln, err := gonet.ListenTCP(s, fullAddr(gvAddr4, 0), protoOf(gvAddr4))
+			require.NoError(t, err)
+			go func() {
+				c, err := ln.Accept()
+				if err == nil {
+					_, _ = io.Copy(io.Discard, c)
+				}
+			}()
+			var kc net.Conn
+			require.NoError(t, inNetns(f.ns, func() error {
+				c, err := net.DialTimeout("tcp", netip.AddrPortFrom(gvAddr4, uint16(ln.Addr().(*net.TCPAddr).Port)).String(), 5*time.Second)
+				kc = c
+				return err
+			}))
+			t.Cleanup(func() { _ = kc.Close() })
+			go func() {
+				buf := make([]byte, 1<<20)
+				for {
+					if _, err := kc.Write(buf); err != nil {
+						return
+					}
+				}
+			}()
+			time.Sleep(time.Duration(50+30*round) * time.Millisecond)
+			done := make(chan struct{})
+			go func() {
+				s.Close()
+				s.Wait()
+				close(done)
+			}()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("stack teardown under load deadlocked")
+			}
+			require.False(t, ep.IsAttached())
+			require.Zero(t, endpointGoroutines())
+		})
+	}
+}

@@ -36,6 +36,7 @@ type Conn struct {
 
 	mu             sync.Mutex
 	notify         chan struct{} // closed and replaced to wake waiters
+	notifyUsed     bool          // somebody holds notify
 	localKey       Key
 	remoteKey      Key
 	remoteKeyKnown bool
@@ -161,10 +162,18 @@ func (c *Conn) isDone() bool {
 }
 
 // waitCh returns a channel closed at the next state change (call with mu).
-func (c *Conn) waitCh() chan struct{} { return c.notify }
+func (c *Conn) waitCh() chan struct{} {
+	c.notifyUsed = true
+	return c.notify
+}
 
-// wakeLocked wakes everybody waiting on waitCh.
+// wakeLocked wakes everybody waiting on waitCh. Without waiters it costs
+// nothing: it runs for every chunk delivered.
 func (c *Conn) wakeLocked() {
+	if !c.notifyUsed {
+		return
+	}
+	c.notifyUsed = false
 	close(c.notify)
 	c.notify = make(chan struct{})
 }
@@ -527,7 +536,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 
 // waitLocked waits for a state change or the deadline.
 func (c *Conn) waitLocked(deadline time.Time) error {
-	w := c.notify
+	w := c.waitCh()
 	c.mu.Unlock()
 	defer c.mu.Lock()
 	if deadline.IsZero() {

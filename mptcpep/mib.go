@@ -41,6 +41,7 @@ type MIB struct {
 	WindowDropBytes      atomic.Uint64
 	OFOSegmentDrops      atomic.Uint64
 	ReinjectedBytes      atomic.Uint64
+	MPTCPRetransmits     atomic.Uint64 // connection-level retransmissions of the DATA_ACK head
 	AddAddrRX            atomic.Uint64
 	AddAddrTX            atomic.Uint64
 	AddAddrEchoRX        atomic.Uint64

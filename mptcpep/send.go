@@ -400,14 +400,27 @@ func (c *Conn) control() time.Time {
 					usable++
 				}
 			}
+			marked := false
 			for _, sf := range c.subflows {
 				if sf.usable() && sf.inflight() > 0 && now.Sub(sf.lastAckMove) >= stall && usable > 1 {
 					sf.stale = true
 					usable--
+					marked = true
 					c.reinjectLocked(sf)
 					c.lastReinject = c.snd.Una()
 					c.e.log.Debug("mptcp: subflow stale, reinjecting", "subflow", sf.tuple.String())
 				}
+			}
+			if !marked && len(c.reinjectQ) == 0 {
+				// Every subflow delivered, yet the peer's DATA_ACK stands
+				// still: the bytes at its head were lost above TCP (a
+				// mapping it could not use). Retransmit them at the
+				// connection level.
+				una := c.snd.Una()
+				n := int(min(c.sndNxt-una, maxChunk))
+				c.reinjectQ = append(c.reinjectQ, span{DSN: una, Len: n})
+				c.lastReinject = una
+				c.e.MIB.MPTCPRetransmits.Add(1)
 			}
 			c.lastProgress = now
 			c.kickLocked()

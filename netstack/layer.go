@@ -63,12 +63,15 @@ type Mux struct {
 	mu        sync.RWMutex
 	flows     map[Tuple]*flowEntry
 	acceptors map[uint16]Acceptor
+	segPool   sync.Pool
 	Stats     MuxStats
 }
 
 // NewMux returns an empty Mux.
 func NewMux() *Mux {
-	return &Mux{flows: make(map[Tuple]*flowEntry), acceptors: make(map[uint16]Acceptor)}
+	m := &Mux{flows: make(map[Tuple]*flowEntry), acceptors: make(map[uint16]Acceptor)}
+	m.segPool.New = func() any { return new(Segment) }
+	return m
 }
 
 type flowEntry struct {
@@ -222,7 +225,10 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 		}
 		pkt.RXChecksumValidated = true
 	}
-	seg := Segment{
+	// Segments come from a pool: passed to an interface they would
+	// otherwise cost one heap allocation per packet.
+	seg := l.mux.segPool.Get().(*Segment)
+	*seg = Segment{
 		Tuple:      t,
 		Flags:      tcp.Flags(),
 		Seq:        tcp.SequenceNumber(),
@@ -236,9 +242,13 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 		inOff:      ip.hdrLen + off,
 		hasIn:      true,
 	}
+	defer func() {
+		*seg = Segment{}
+		l.mux.segPool.Put(seg)
+	}()
 	l.mux.Stats.SegmentsIn.Add(1)
 	if e == nil {
-		f, drop := acc.SYN(&seg)
+		f, drop := acc.SYN(seg)
 		if f != nil {
 			l.mux.Register(t, f)
 		}
@@ -248,7 +258,7 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 	e.via = l
 	e.ipv6 = ip.ipv6
 	e.mu.Unlock()
-	return e.flow.Incoming(&seg)
+	return e.flow.Incoming(seg)
 }
 
 // WritePackets implements stack.LinkEndpoint: segments of registered flows

@@ -74,6 +74,13 @@ func New(o Options) (*Stack, error) {
 	sack := tcpip.TCPSACKEnabled(true)
 	mod := tcpip.TCPModerateReceiveBufferOption(true)
 	cc := tcpip.CongestionControlOption(o.CongestionControl)
+	// RACK off: after an outage that loses a whole window, gVisor's RACK
+	// recovery at this version sits in SACK recovery with cwnd 5 and a
+	// backed-off RTO (~3 s), retransmitting one segment per RTO, so a
+	// returning uplink stays useless for 5-12 s or for good (mptcpep
+	// TestSubflowLossReinjection). Classic SACK/RTO recovery resumes it
+	// within ~100 ms.
+	rec := tcpip.TCPRecovery(0)
 	for _, e := range []struct {
 		opt  tcpip.SettableTransportProtocolOption
 		what string
@@ -81,6 +88,7 @@ func New(o Options) (*Stack, error) {
 		{&sack, "SACK"},
 		{&mod, "receive buffer moderation"},
 		{&cc, "congestion control"},
+		{&rec, "loss recovery"},
 		{&tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: o.SendBuffer}, "send buffer"},
 		{&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: o.ReceiveBuffer}, "receive buffer"},
 	} {

@@ -1,0 +1,319 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mptun/mptun/bond/client"
+	"github.com/mptun/mptun/hostnet"
+	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/tun"
+)
+
+// prefixFlags collects repeated --route values.
+type prefixFlags []netip.Prefix
+
+func (p *prefixFlags) String() string {
+	s := make([]string, len(*p))
+	for i, x := range *p {
+		s[i] = x.String()
+	}
+	return strings.Join(s, " ")
+}
+
+func (p *prefixFlags) Set(v string) error {
+	pf, err := netip.ParsePrefix(v)
+	if err != nil {
+		a, aerr := netip.ParseAddr(v)
+		if aerr != nil {
+			return fmt.Errorf("route %q: want a PREFIX like 192.0.2.0/24: %w", v, err)
+		}
+		pf = netip.PrefixFrom(a, a.BitLen())
+	}
+	*p = append(*p, pf.Masked())
+	return nil
+}
+
+// cmdClient runs the bonding client until ctx ends.
+func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("client", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cf commonFlags
+	cf.register(fs)
+	serverFlag := fs.String("server", "", "concentrator `ADDR:PORT`")
+	keyFile := fs.String("key-file", "", "pre-shared key `FILE` (from `mptun genkey`)")
+	var routes prefixFlags
+	fs.Var(&routes, "route", "send `PREFIX` into the tunnel (repeatable)")
+	defRoute := fs.Bool("default-route", false, "send everything into the tunnel except the concentrator and the uplinks' own networks")
+	tunName := fs.String("tun", client.DefaultTUNName, "tunnel TUN `NAME`")
+	tunMTU := fs.Int("tun-mtu", client.DefaultTUNMTU, "tunnel TUN MTU")
+	quic := fs.String("quic", "reject", "UDP/443 (QUIC): carry, or reject with ICMP so browsers use TCP")
+	udpIdle := fs.Duration("udp-idle", client.DefaultUDPIdle, "close UDP associations idle this long")
+	setupTimeout := fs.Duration("setup-timeout", client.DefaultSetupTimeout, "bound on reaching the concentrator per flow")
+	metrics := fs.String("metrics", "", "unused by the client (accepted for config compatibility)")
+	configPath := fs.String("config", "", "TOML config `FILE` ([client] section); flags override it")
+	socket := fs.String("socket", "", "control socket `PATH` (default /run/mptun/<tun>.sock)")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() != 0 {
+		return usageError{fmt.Errorf("unexpected arguments %q", fs.Args())}
+	}
+	if *configPath != "" {
+		fc, err := loadConfig(*configPath)
+		if err != nil {
+			return err
+		}
+		if err := applyConfig(fs, fc.Client.flagValues()); err != nil {
+			return err
+		}
+	}
+	_ = metrics
+	if *serverFlag == "" {
+		return usageError{errors.New("--server ADDR:PORT is required")}
+	}
+	srvAddr, err := netip.ParseAddrPort(*serverFlag)
+	if err != nil || srvAddr.Port() == 0 {
+		return usageError{fmt.Errorf("--server %q: want ADDR:PORT", *serverFlag)}
+	}
+	srvAddr = netip.AddrPortFrom(srvAddr.Addr().Unmap(), srvAddr.Port())
+	if !srvAddr.Addr().Is4() {
+		return usageError{fmt.Errorf("--server %s: the uplinks carry IPv4 only; give an IPv4 address", srvAddr)}
+	}
+	qp, err := client.ParseQUICPolicy(*quic)
+	if err != nil {
+		return usageError{err}
+	}
+	psk, err := readKeyFile(*keyFile)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(cf.logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	if *socket == "" {
+		*socket = client.SocketPath(*tunName)
+	}
+	d := &clientDaemon{log: log, server: srvAddr}
+	defer d.close()
+	if err := d.start(ctx, &cf, client.TunnelConfig{
+		Name: *tunName, MTU: *tunMTU, Routes: routes, DefaultRoute: *defRoute,
+		Exclude: []netip.Addr{srvAddr.Addr()}, Logger: log,
+	}, client.Config{PSK: psk, QUIC: qp, UDPIdle: *udpIdle, SetupTimeout: *setupTimeout, Logger: log}, *setupTimeout); err != nil {
+		return err
+	}
+	stopCtl, err := client.ServeControl(ctx, *socket, func() any { return d.status(*tunName) }, log)
+	if err != nil {
+		return err
+	}
+	d.undo = append(d.undo, stopCtl)
+	log.Warn("mptun client ready", "tun", *tunName, "server", srvAddr, "uplinks", cf.uplinks.String(),
+		"routes", routes.String(), "default_route", *defRoute, "quic", qp, "control", *socket)
+	<-ctx.Done()
+	log.Info("shutting down")
+	return nil
+}
+
+// clientDaemon holds what the client built, in teardown order.
+type clientDaemon struct {
+	log     *slog.Logger
+	server  netip.AddrPort
+	started time.Time
+	eng     *engine
+	cl      *client.Client
+	meter   *client.RateMeter
+	undo    []func() // run last-first by close
+
+	mu      sync.Mutex
+	locals  []mptcpep.Local // all uplinks, index = uplink index
+	down    map[uint8]bool  // local IDs whose link is down
+	linkErr error
+}
+
+func (d *clientDaemon) close() {
+	for i := len(d.undo) - 1; i >= 0; i-- {
+		d.undo[i]()
+	}
+	d.undo = nil
+}
+
+func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.TunnelConfig, cc client.Config, setupTimeout time.Duration) error {
+	d.started = time.Now()
+	// A client or server killed with SIGKILL leaves policy rules and nft
+	// tables (its TUNs vanished with it); remove them before adding ours.
+	if err := hostnet.CleanupStale(hostnet.DefaultPrefix); err != nil {
+		d.log.Warn("removing leftovers of a crashed mptun", "err", err)
+	}
+	eng, err := startEngine(ctx, hostnet.ModeConnect, cf, 0, d.log)
+	if err != nil {
+		return fmt.Errorf("uplinks: %w", err)
+	}
+	d.eng = eng
+	d.undo = append(d.undo, eng.Close)
+	for i, u := range eng.host.Uplinks {
+		d.locals = append(d.locals, mptcpep.Local{Addr: u.StackAddr, ID: uint8(i + 1), Backup: u.Spec.Backup, Public: u.ExternalAddr})
+	}
+	d.down = map[uint8]bool{}
+
+	// The concentrator must answer before we take over any routing: a
+	// wrong address should not black-hole the host's traffic.
+	pctx, cancel := context.WithTimeout(ctx, setupTimeout)
+	probe, err := eng.ep.Dial(pctx, d.server)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("concentrator %s unreachable over the uplinks (%s): %w", d.server, cf.uplinks.String(), err)
+	}
+	d.log.Info("concentrator reachable", "server", d.server, "mptcp", probe.MultipathTCP())
+	probe.Abort()
+
+	tunnel, err := client.SetupTunnel(tc)
+	if err != nil {
+		return err
+	}
+	d.undo = append(d.undo, func() {
+		if err := tunnel.Close(); err != nil {
+			d.log.Error("tunnel cleanup", "err", err)
+		}
+	})
+	tep, err := tun.NewEndpoint(tunnel.Dev, tun.Options{GRO: true, Logger: d.log})
+	if err != nil {
+		return fmt.Errorf("tunnel %s: %w", tunnel.Name, err)
+	}
+	st, err := client.NewStack(tep.Link(), client.StackOptions{Name: tunnel.Name, QDisc: tep.NewQDisc(1000)})
+	if err != nil {
+		_ = tep.Close()
+		return err
+	}
+	d.undo = append(d.undo, func() {
+		st.Close()
+		_ = tep.Close()
+		st.Wait()
+	})
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	err = tun.WaitReady(wctx, tunnel.Name)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("tunnel %s not ready: %w", tunnel.Name, err)
+	}
+	cc.Stack = st
+	cc.Dial = func(ctx context.Context) (client.Upstream, error) {
+		return eng.ep.Dial(ctx, d.server)
+	}
+	cl, err := client.New(cc)
+	if err != nil {
+		return err
+	}
+	d.cl = cl
+	d.undo = append(d.undo, cl.Close)
+
+	mctx, mcancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	d.undo = append(d.undo, func() {
+		mcancel()
+		wg.Wait()
+	})
+	d.meter = client.NewRateMeter()
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		d.meter.Run(mctx, time.Second, eng.ep.Conns)
+	}()
+	go func() {
+		defer wg.Done()
+		if err := eng.host.WatchLinks(mctx, d.onLinkEvent); err != nil {
+			d.log.Error("watching uplinks failed: link changes go unnoticed", "err", err)
+			d.mu.Lock()
+			d.linkErr = err
+			d.mu.Unlock()
+		}
+	}()
+	return nil
+}
+
+// onLinkEvent withdraws an uplink that went down from new connections and
+// from the running ones (their data is reinjected on the other subflows at
+// once instead of after retransmission timeouts), and offers it again when
+// it comes back (the path manager then re-joins subflows over it).
+func (d *clientDaemon) onLinkEvent(ev hostnet.LinkEvent) {
+	id := uint8(ev.Uplink.Index + 1)
+	d.log.Warn("uplink changed", "iface", ev.Uplink.Spec.Iface, "event", ev.Kind.String(), "addr", ev.Addr)
+	switch ev.Kind {
+	case hostnet.LinkDown:
+		d.mu.Lock()
+		d.down[id] = true
+		d.mu.Unlock()
+		d.eng.ep.SetLocals(d.liveLocals())
+		for _, c := range d.eng.ep.Conns() {
+			c.RemoveLocal(id)
+		}
+	case hostnet.LinkUp:
+		d.mu.Lock()
+		delete(d.down, id)
+		d.mu.Unlock()
+		d.eng.ep.SetLocals(d.liveLocals())
+	case hostnet.AddrRemoved, hostnet.AddrAdded:
+		if ev.Addr.Addr() == ev.Uplink.ExternalAddr {
+			d.log.Warn("the uplink's SNAT address changed: restart mptun client to use the new one", "iface", ev.Uplink.Spec.Iface)
+		}
+	}
+}
+
+// liveLocals are the uplinks not known to be down. With all of them down
+// it keeps them all, so dialing still tries when a link returns unseen.
+func (d *clientDaemon) liveLocals() []mptcpep.Local {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []mptcpep.Local
+	for _, l := range d.locals {
+		if !d.down[l.ID] {
+			out = append(out, l)
+		}
+	}
+	if len(out) == 0 {
+		return append([]mptcpep.Local(nil), d.locals...)
+	}
+	return out
+}
+
+func (d *clientDaemon) status(name string) client.Status {
+	conns := d.eng.ep.Conns()
+	cs, iv := d.meter.Conns(conns)
+	st := client.Status{Name: name, PID: os.Getpid(), Server: d.server.String(), Started: d.started,
+		Flows: d.cl.Stats(), Conns: cs, MIB: nonZero(d.eng.ep.MIB.Snapshot()), Interval: iv.Seconds()}
+	d.mu.Lock()
+	down := make(map[uint8]bool, len(d.down))
+	for k, v := range d.down {
+		down[k] = v
+	}
+	d.mu.Unlock()
+	for i, u := range d.eng.host.Uplinks {
+		us := client.UplinkStatus{Iface: u.Spec.Iface, TUN: u.TUNName, Addr: u.ExternalAddr.String(),
+			Backup: u.Spec.Backup, Up: !down[uint8(i+1)]}
+		if u.Gateway.IsValid() {
+			us.Gateway = u.Gateway.String()
+		}
+		for _, c := range cs {
+			for _, sf := range c.Subflows {
+				if sf.LocalID == uint8(i+1) || (sf.LocalID == 0 && strings.HasPrefix(sf.Local, u.StackAddr.String()+":")) {
+					if sf.State == "established" {
+						us.Subflows++
+					}
+					us.TxBps += sf.TxBps
+					us.RxBps += sf.RxBps
+				}
+			}
+		}
+		st.Uplinks = append(st.Uplinks, us)
+	}
+	return st
+}

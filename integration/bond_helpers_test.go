@@ -91,7 +91,9 @@ func bondNewTopo(t *testing.T, rateMbit int) *bondTopo {
 		bondRun(t, "ip", "-n", a.Name, "link", "set", an, "up")
 		bondRun(t, "ip", "-n", bns.Name, "link", "set", bn, "up")
 	}
-	addr := func(ns *lab.NS, dev, a string) { bondRun(t, "ip", "-n", ns.Name, "addr", "add", a, "dev", dev, "nodad") }
+	addr := func(ns *lab.NS, dev, a string) {
+		bondRun(t, "ip", "-n", ns.Name, "addr", "add", a, "dev", dev, "nodad")
+	}
 	veth(b.cli, "u1", b.rtr, "r1")
 	veth(b.cli, "u2", b.rtr, "r2")
 	veth(b.rtr, "rs", b.srv, "s0")

@@ -29,6 +29,12 @@ usage:
   mptun server --listen ADDR:PORT --key-file KEYFILE [--kernel] [--uplink IFACE]...
                [--metrics ADDR] [--allow-private] [--allow-fallback] [--config FILE]
       the concentrator: authenticates clients and relays their flows
+  mptun client --server ADDR:PORT --key-file KEYFILE --uplink IFACE[,via=GATEWAY][,backup]...
+               [--route PREFIX]... [--default-route] [--tun NAME] [--quic carry|reject] [--config FILE]
+      carry every TCP and UDP flow routed into the tunnel TUN to the concentrator,
+      one MPTCP connection per flow with one subflow per uplink
+  mptun status [--json] [--tun NAME]
+      show a running client's uplinks, connections and subflows (root)
 
 common flags:
   --checksum        request DSS checksums
@@ -57,6 +63,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = cmdServer(ctx, args[1:], stderr)
 	case "genkey":
 		err = cmdGenkey(args[1:], stdout)
+	case "client":
+		err = cmdClient(ctx, args[1:], stderr)
+	case "status":
+		err = cmdStatus(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

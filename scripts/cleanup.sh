@@ -10,7 +10,7 @@
 #
 # Prefixes (grep the tests before adding a new one, and add it here):
 #   namespaces  mtc-* (integration kernel capture), mpi-* (integration
-#               interop), mtt-* (tun), mtl-* (lab, bench), mth-* (hostnet),
+#               interop), mbc-* (integration bonding), mtt-* (tun), mtl-* (lab, bench), mth-* (hostnet),
 #               mte-*, mtn-* (reserved: engine/netstack tests)
 #   links       mtc*, mtt*, mtl*, mth*, mte*, mtn*, mpi*, mpt* (hostnet
 #               TUNs <prefix><instance>u<N>, bond/client's mptun0, test veths)
@@ -25,8 +25,8 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 0
 fi
 
-ns_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi)-'
-link_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi|mpt)'
+ns_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi|mbc)-'
+link_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi|mbc|mpt)'
 failed=0
 removed=0
 

@@ -119,6 +119,9 @@ func mpiConnectToKernel(t *testing.T, size int64, checksum bool) {
 	err := p.wait(t, 50*time.Second)
 	elapsed := time.Since(start)
 	ssOut := stopSS()
+	if err != nil {
+		t.Logf("kernel server MPTcpExt counters that moved: %v", mpiNonZero(mpiDelta(before, mpiNetstat(t, tp.srv))))
+	}
 	require.NoError(t, err, "mptun connect failed; stderr:\n%s", p.stderr)
 
 	var res mpiPeerResult
@@ -127,7 +130,7 @@ func mpiConnectToKernel(t *testing.T, size int64, checksum bool) {
 	case <-time.After(10 * time.Second):
 		require.FailNow(t, "kernel server did not finish after mptun exited")
 	}
-	require.NoError(t, res.err)
+	require.NoError(t, res.err, "kernel server; mptun stderr:\n%s", p.stderr)
 	require.True(t, res.mptcp, "kernel server socket fell back to TCP")
 	require.Equal(t, size, res.received)
 	require.Equal(t, upSHA, res.recvSHA, "upload corrupted")
@@ -218,6 +221,9 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	elapsed := time.Since(start) - dialed
 	ssOut := stopSS()
 	conn.Close()
+	if res.err != nil {
+		t.Logf("kernel client MPTcpExt counters that moved: %v", mpiNonZero(mpiDelta(before, mpiNetstat(t, tp.cli))))
+	}
 	require.NoError(t, res.err, "kernel client; mptun stderr:\n%s", p.stderr)
 	require.NoError(t, p.wait(t, 15*time.Second), "mptun listen --once; stderr:\n%s", p.stderr)
 
@@ -321,7 +327,7 @@ func TestInteropErrors(t *testing.T) {
 		ee, ok := mpiExitError(err)
 		require.True(t, ok, "want a non-zero exit, got %v; stderr:\n%s", err, p.stderr)
 		require.Positive(t, ee.ExitCode(), "exit by itself, not by a signal; stderr:\n%s", p.stderr)
-		require.Contains(t, p.stderr.String(), "doesnotexist0", "the message names the uplink")
+		require.Contains(t, p.stderr.String(), "uplink doesnotexist0", "the message names the uplink")
 		require.Equal(t, before, mpiSnapshot(t, tp.cli), "no TUN, rule or nft table left behind")
 	})
 	t.Run("sigterm-listen", func(t *testing.T) {
@@ -329,8 +335,10 @@ func TestInteropErrors(t *testing.T) {
 		t.Cleanup(cancel)
 		tp := mpiNewTopo(t, mpiTopoOpts{})
 		before := mpiSnapshot(t, tp.srv)
-		p := mpiStart(ctx, t, tp.srv, "", "", "listen", "--uplink", "srv0", "--uplink", "srv1", ":"+strconv.Itoa(mpiPort))
-		// Running: two TUNs, policy rules and our nft table exist.
+		p := mpiStart(ctx, t, tp.srv, "", "", "listen", "--log-level", "info", "--uplink", "srv0", "--uplink", "srv1",
+			":"+strconv.Itoa(mpiPort))
+		// Wait until it runs (both uplinks' TUNs ready, so it listens), not
+		// just until set-up began: two TUNs, policy rules and our nft table.
 		var during mpiState
 		require.Eventually(t, func() bool {
 			select {
@@ -338,10 +346,13 @@ func TestInteropErrors(t *testing.T) {
 				return true // reported below
 			default:
 			}
+			if strings.Count(p.stderr.String(), `msg="uplink ready" iface=`) < 2 {
+				return false
+			}
 			during = mpiSnapshot(t, tp.srv)
 			return strings.Count(during.links, "mpt") == 2 && strings.Contains(during.tables, "mptun_") &&
 				during.rules != before.rules
-		}, 20*time.Second, 100*time.Millisecond)
+		}, 20*time.Second, 100*time.Millisecond, "stderr:\n%s", p.stderr)
 		select {
 		case <-p.done:
 			require.FailNow(t, "mptun listen exited by itself", "%v; stderr:\n%s", p.err, p.stderr)

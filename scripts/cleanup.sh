@@ -10,9 +10,10 @@
 #
 # Prefixes (grep the tests before adding a new one, and add it here):
 #   namespaces  mtc-* (integration kernel capture), mpi-* (integration
-#               interop), mbc-* (integration bonding), mtt-* (tun), mtl-* (lab, bench), mth-* (hostnet),
+#               interop), mbc-* (integration bonding), mtt-* (tun),
+#               mtl-* (lab, bench), mth-* (hostnet),
 #               mte-*, mtn-* (reserved: engine/netstack tests)
-#   links       mtc*, mtt*, mtl*, mth*, mte*, mtn*, mpi*, mpt* (hostnet
+#   links       mtc*, mtt*, mtl*, mth*, mte*, mtn*, mpi*, mbc*, mpt* (hostnet
 #               TUNs <prefix><instance>u<N>, bond/client's mptun0, test veths)
 #   nftables    tables mptun_*, and rules commented mptun_* in other tables
 #   rules       policy rules whose iif is one of the links above, plus the

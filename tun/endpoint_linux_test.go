@@ -100,6 +100,15 @@ func TestEchoThroughTUN(t *testing.T) {
 						ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 						t.Cleanup(cancel)
 						before := ep.Stats()
+						t.Cleanup(func() {
+							if t.Failed() {
+								st := s.Stats()
+								t.Logf("endpoint %+v", ep.Stats())
+								t.Logf("ip malformed %d, tcp checksum errors %d, invalid %d, retransmits %d, timeouts %d",
+									st.IP.MalformedPacketsReceived.Value(), st.TCP.ChecksumErrors.Value(),
+									st.TCP.InvalidSegmentsReceived.Value(), st.TCP.Retransmits.Value(), st.TCP.Timeouts.Value())
+							}
+						})
 						echoErr := make(chan error, 1)
 						var client halfCloser
 						if tc.kernelDial {

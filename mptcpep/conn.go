@@ -134,6 +134,7 @@ func (c *Conn) setLocalKey(k Key) {
 	c.localKey = k
 	c.localToken, c.localIDSN = k.TokenIDSN()
 	c.snd = newSendBuffer(c.localIDSN+1, c.e.cfg.SendBuffer)
+	c.snd.pool = &c.e.sendBlocks
 	c.sndNxt = c.localIDSN + 1
 	c.sndEdge = c.sndNxt + 65535
 	c.finDSN = 0
@@ -147,6 +148,7 @@ func (c *Conn) setRemoteKeyLocked(k Key) {
 	c.remoteKeyKnown = true
 	c.remoteToken, c.remoteIDSN = k.TokenIDSN()
 	c.rcv = newReassembly(c.remoteIDSN+1, c.rcvBuf)
+	c.rcv.pool = &c.e.recvBlocks
 	c.lastDataAckTx = c.remoteIDSN + 1
 }
 

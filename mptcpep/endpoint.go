@@ -60,6 +60,9 @@ type Endpoint struct {
 	// MIB counts protocol events and errors.
 	MIB MIB
 
+	// Buffer blocks are recycled across the endpoint's connections.
+	sendBlocks, recvBlocks sync.Pool
+
 	mu       sync.Mutex
 	tokens   map[uint32]*Conn
 	locals   []Local

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"sync"
 )
 
 const (
@@ -76,6 +77,9 @@ type reassembly struct {
 
 	slots [][]byte // ring of blocks; block k of the stream is in slots[k%len]
 	spare [][]byte
+	// pool, when set, is shared by the connections of an Endpoint: blocks
+	// beyond the spares go there instead of to the garbage collector.
+	pool *sync.Pool
 
 	finSet     bool
 	finOff     uint64 // offset of the DATA_FIN
@@ -271,6 +275,11 @@ func (r *reassembly) newBlock() []byte {
 		r.spare = r.spare[:n-1]
 		return blk
 	}
+	if r.pool != nil {
+		if b, ok := r.pool.Get().(*[]byte); ok {
+			return *b
+		}
+	}
 	return make([]byte, reasmBlockSize)
 }
 
@@ -304,6 +313,8 @@ func (r *reassembly) Discard(n int) int {
 			r.slots[slot] = nil
 			if len(r.spare) < reasmSpareBlocks {
 				r.spare = append(r.spare, blk)
+			} else if r.pool != nil {
+				r.pool.Put(&blk)
 			}
 		}
 	}

@@ -3,6 +3,7 @@ package mptcpep
 import (
 	"errors"
 	"fmt"
+	"sync"
 )
 
 // sendBlockSize is the size of one storage block of a sendBuffer. Large
@@ -28,12 +29,13 @@ var ErrAckBeyondEnd = errors.New("mptcpep: DATA_ACK beyond the end of sent data"
 // copied) and O(blocks freed) without moving data. A sendBuffer is not
 // safe for concurrent use: the owning connection calls it under its lock.
 type sendBuffer struct {
-	una      uint64   // DSN of the first byte in blocks[0][head]
-	length   int      // bytes stored
-	capacity int      // limit on length
-	head     int      // offset of una inside blocks[0]
-	blocks   [][]byte // each len sendBlockSize; the last one may be partly used
-	spare    [][]byte // freed blocks kept for reuse, at most sendSpareBlocks
+	una      uint64     // DSN of the first byte in blocks[0][head]
+	length   int        // bytes stored
+	capacity int        // limit on length
+	head     int        // offset of una inside blocks[0]
+	blocks   [][]byte   // each len sendBlockSize; the last one may be partly used
+	spare    [][]byte   // freed blocks kept for reuse, at most sendSpareBlocks
+	pool     *sync.Pool // shared by an Endpoint's connections, when set
 }
 
 // newSendBuffer returns an empty buffer whose first byte will carry DSN isn
@@ -91,12 +93,19 @@ func (b *sendBuffer) newBlock() []byte {
 		b.spare = b.spare[:n-1]
 		return blk
 	}
+	if b.pool != nil {
+		if p, ok := b.pool.Get().(*[]byte); ok {
+			return *p
+		}
+	}
 	return make([]byte, sendBlockSize)
 }
 
 func (b *sendBuffer) releaseBlock(blk []byte) {
 	if len(b.spare) < sendSpareBlocks {
 		b.spare = append(b.spare, blk)
+	} else if b.pool != nil {
+		b.pool.Put(&blk)
 	}
 }
 

@@ -64,6 +64,7 @@ type Mux struct {
 	flows     map[Tuple]*flowEntry
 	acceptors map[uint16]Acceptor
 	segPool   sync.Pool
+	outPool   sync.Pool
 	Stats     MuxStats
 }
 
@@ -71,6 +72,7 @@ type Mux struct {
 func NewMux() *Mux {
 	m := &Mux{flows: make(map[Tuple]*flowEntry), acceptors: make(map[uint16]Acceptor)}
 	m.segPool.New = func() any { return new(Segment) }
+	m.outPool.New = func() any { return new(outScratch) }
 	return m
 }
 
@@ -119,6 +121,15 @@ func (m *Mux) lookup(t Tuple) *flowEntry {
 	e := m.flows[t]
 	m.mu.RUnlock()
 	return e
+}
+
+// outScratch is the per-segment working memory of Layer.outbound.
+type outScratch struct {
+	seg     Segment
+	payload buffer.Buffer
+	mp      [maxTCPOptions]byte
+	optBuf  [maxTCPOptions * 2]byte
+	hdr     [header.IPv6MinimumSize + header.TCPMinimumSize + maxTCPOptions]byte
 }
 
 // Layer is the MPTCP option layer of one NIC: a link endpoint between gVisor
@@ -318,8 +329,16 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 		return owned
 	}
 	l.mux.Stats.SegmentsOut.Add(1)
-	payload := pkt.Data().ToBuffer()
-	defer payload.Release()
+	// Per-segment scratch comes from a pool: handed to the flow through an
+	// interface, it would otherwise escape to the heap on every segment.
+	sc := l.mux.outPool.Get().(*outScratch)
+	defer func() {
+		sc.payload.Release()
+		sc.seg = Segment{}
+		l.mux.outPool.Put(sc)
+	}()
+	sc.payload = pkt.Data().ToBuffer()
+	payload := &sc.payload
 	ttl := uint8(64)
 	if ip.ipv6 {
 		ttl = header.IPv6(nh).HopLimit()
@@ -331,14 +350,15 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 	origOpts := tcp.Options()
 	e.noteOut(l, ip.ipv6, tcp, pkt.Data().Size(), origOpts)
 
-	var optBuf [maxTCPOptions * 2]byte
+	optBuf := &sc.optBuf
 	for first := true; ; first = false {
 		segFlags := flags
 		if !first {
 			// Continuation of a split: only the first piece may carry SYN.
 			segFlags &^= header.TCPFlagSyn
 		}
-		seg := Segment{
+		seg := &sc.seg
+		*seg = Segment{
 			Tuple:      t,
 			Flags:      segFlags,
 			Seq:        seq,
@@ -348,7 +368,7 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 			PayloadLen: int(payload.Size()),
 			Via:        l,
 			ipv6:       ip.ipv6,
-			payload:    &payload,
+			payload:    payload,
 		}
 		base := compactOptions(optBuf[:0], origOpts, false)
 		room := maxTCPOptions - len(base)
@@ -356,8 +376,8 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 		if maxRoom := maxTCPOptions - len(sackFree); maxRoom > room {
 			room = maxRoom // may trim SACK blocks below
 		}
-		var mp [maxTCPOptions]byte
-		n, cover := e.flow.Outgoing(&seg, mp[:room])
+		mp := &sc.mp
+		n, cover := e.flow.Outgoing(seg, mp[:room])
 		opts := base
 		if len(base)+n > maxTCPOptions {
 			opts = sackFree
@@ -382,7 +402,7 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 			payload.Truncate(0)
 		}
 		sum := part.Checksum(0)
-		hdr := buildHeaders(ip.ipv6, t, seq, tcp.AckNumber(), segFlags, tcp.WindowSize(), opts, int(part.Size()), sum, ttl)
+		hdr := buildHeadersInto(sc.hdr[:], ip.ipv6, t, seq, tcp.AckNumber(), segFlags, tcp.WindowSize(), opts, int(part.Size()), sum, ttl)
 		np := l.newPacket(ip.ipv6, hdr, part)
 		owned = append(owned, np)
 		seq += uint32(cover)

@@ -207,19 +207,30 @@ func addrPort(a tcpip.Address, port uint16) netip.AddrPort {
 }
 
 func tcpipAddr(a netip.Addr) tcpip.Address {
-	return tcpip.AddrFromSlice(a.AsSlice())
+	if a.Is4() {
+		return tcpip.AddrFrom4(a.As4())
+	}
+	return tcpip.AddrFrom16(a.As16())
 }
 
 // buildHeaders writes an IP header and a TCP header (with options) for a
 // segment with the given payload length and payload sum into a fresh slice.
 func buildHeaders(ipv6 bool, t Tuple, seq, ack uint32, flags header.TCPFlags, wnd uint16, opts []byte, payloadLen int, payloadSum uint16, ttl uint8) []byte {
+	b := make([]byte, header.IPv6MinimumSize+header.TCPMinimumSize+maxTCPOptions)
+	return buildHeadersInto(b, ipv6, t, seq, ack, flags, wnd, opts, payloadLen, payloadSum, ttl)
+}
+
+// buildHeadersInto is buildHeaders writing into out (which must hold 120
+// bytes); it returns the used part of out.
+func buildHeadersInto(out []byte, ipv6 bool, t Tuple, seq, ack uint32, flags header.TCPFlags, wnd uint16, opts []byte, payloadLen int, payloadSum uint16, ttl uint8) []byte {
 	optLen := (len(opts) + 3) &^ 3
 	tcpLen := header.TCPMinimumSize + optLen
 	ipLen := header.IPv4MinimumSize
 	if ipv6 {
 		ipLen = header.IPv6MinimumSize
 	}
-	b := make([]byte, ipLen+tcpLen)
+	b := out[:ipLen+tcpLen]
+	clear(b)
 	src, dst := tcpipAddr(t.Local.Addr()), tcpipAddr(t.Remote.Addr())
 	if ipv6 {
 		header.IPv6(b).Encode(&header.IPv6Fields{

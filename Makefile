@@ -13,7 +13,7 @@ GOTEST_FLAGS ?= -count=1 -timeout 25m
 ISOLATE     ?= 1
 FUZZTIME    ?= 30s
 
-.PHONY: help all build deps vet fmt-check check test test-unit fuzz bench cleanup clean
+.PHONY: help all build deps vet fmt-check check test test-unit fuzz bench cleanup clean demo
 
 help:
 	@echo 'make build        go build ./... and bin/mptun'
@@ -21,6 +21,7 @@ help:
 	@echo 'make test-unit    fast tests needing no root (go test -short)'
 	@echo 'make fuzz         every Fuzz target for FUZZTIME=$(FUZZTIME)'
 	@echo 'make bench        lab scenarios (root); SCENARIO=3, BENCH_DURATION=10s'
+	@echo 'make demo         bonding demo in namespaces (root): iperf3 through mptun client/server vs each uplink'
 	@echo 'make cleanup      remove leftover mptun namespaces, links, rules, nft tables'
 	@echo 'make clean        remove build outputs'
 
@@ -77,3 +78,8 @@ clean:
 	rm -rf bin/ bench/results/tmp/
 	find . \( -path ./.git -o -name testdata \) -prune -o -type f \
 		\( -name '*.test' -o -name '*.out' -o -name '*.pprof' \) -print | xargs -r rm -f
+
+# Bonding demo (root): two tbf-limited uplinks (50 and 30 Mbit/s), mptun
+# client and server in namespaces, iperf3 through the tunnel; DURATION=8.
+demo: deps
+	bash scripts/demo.sh

@@ -76,17 +76,20 @@ func printStatus(w io.Writer, st *client.Status) error {
 		return st.Conns[i].BytesSent+st.Conns[i].BytesReceived > st.Conns[j].BytesSent+st.Conns[j].BytesReceived
 	})
 	fmt.Fprintf(w, "\nconnections: %d\n", len(st.Conns))
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "  SUBFLOW\tSTATE\tBACKUP\tRTT ms\tCWND\tTX Mbit/s\tRX Mbit/s\tRETRANS\tLOSS %")
 	for _, c := range st.Conns {
 		kind := "mptcp"
 		if !c.MPTCP {
 			kind = "tcp-fallback"
 		}
-		fmt.Fprintf(tw, "  %s -> %s (%s, sent %d, received %d, reinjected %d)\t\t\t\t\t\t\t\t\n", c.Local, c.Remote, kind, c.BytesSent, c.BytesReceived, c.Reinjected)
+		fmt.Fprintf(w, "  %s -> %s (%s, sent %d, received %d, reinjected %d)\n", c.Local, c.Remote, kind, c.BytesSent, c.BytesReceived, c.Reinjected)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "    SUBFLOW\tSTATE\tBACKUP\tRTT ms\tCWND\tTX Mbit/s\tRX Mbit/s\tRETRANS\tLOSS %")
 		for _, sf := range c.Subflows {
 			fmt.Fprintf(tw, "    %s\t%s\t%v\t%.1f\t%d\t%s\t%s\t%d\t%.2f\n", sf.Local, sf.State, sf.Backup, sf.RTTms, sf.Cwnd, mbps(sf.TxBps), mbps(sf.RxBps), sf.Retransmits, sf.LossPct)
 		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
 	}
-	return tw.Flush()
+	return nil
 }

@@ -357,6 +357,7 @@ func (c *Conn) dssInLocked(sf *subflow, seg *netstack.Segment, d *header.DSS) {
 // dataAckLocked processes a DATA_ACK and the window that came with it.
 func (c *Conn) dataAckLocked(sf *subflow, ack uint64, wnd uint16) {
 	mib := &c.e.MIB
+	prev := c.snd.Una()
 	if !c.writeClosed || dsnLT(ack, c.finDSN+1) {
 		if _, err := c.snd.Ack(ack); err != nil {
 			mib.DataAckInvalid.Add(1)
@@ -374,7 +375,9 @@ func (c *Conn) dataAckLocked(sf *subflow, ack uint64, wnd uint16) {
 		}
 	}
 	una := c.snd.Una()
-	if dsnLT(c.lastReinject, una) || c.lastReinject == 0 {
+	// Only an ACK that moved counts: duplicates arrive on every segment of
+	// the other direction and would hide a stall forever.
+	if dsnLT(prev, una) && (dsnLT(c.lastReinject, una) || c.lastReinject == 0) {
 		c.lastProgress = time.Now()
 	}
 	if dsnLT(c.sndNxt, una) {

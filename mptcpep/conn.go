@@ -317,7 +317,10 @@ func (c *Conn) dssInLocked(sf *subflow, seg *netstack.Segment, d *header.DSS) {
 	if !c.remoteKeyKnown {
 		return
 	}
-	c.peerConfirmed = true
+	if !c.peerConfirmed {
+		c.peerConfirmed = true
+		c.pmKick()
+	}
 	if d.HasDataAck {
 		mib.DataAckRX.Add(1)
 		ack := d.DataAck
@@ -774,7 +777,15 @@ type ConnStats struct {
 // Stats returns a snapshot of the connection's state.
 func (c *Conn) Stats() ConnStats {
 	if c.fb != nil {
-		return ConnStats{Local: c.fb.LocalAddr().String(), Remote: c.fb.RemoteAddr().String()}
+		// A closed gVisor endpoint has no addresses any more.
+		s := ConnStats{}
+		if a := c.fb.LocalAddr(); a != nil {
+			s.Local = a.String()
+		}
+		if a := c.fb.RemoteAddr(); a != nil {
+			s.Remote = a.String()
+		}
+		return s
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -302,15 +302,9 @@ func (t *txMappings) AddSum(ssn uint32, dsn uint64, n int, sum uint16) error {
 		return nil
 	}
 	t.next += uint32(n)
-	if k := len(t.maps); k > t.head {
-		last := &t.maps[k-1]
-		// Only whole chunks extend a mapping, so its sum stays exact.
-		if !last.sealed && last.end() == ssn && last.DSN+uint64(last.Len) == dsn && last.Len+n <= maxMappingLen {
-			last.Sum = combineAt(last.Sum, sum, last.Len)
-			last.Len += n
-			return nil
-		}
-	}
+	// Every chunk gets a mapping of its own (no extension of the previous
+	// one): a mapping may already be on the wire, and a short write must
+	// be able to cut the last mapping and know its exact data sum.
 	for n > 0 {
 		c := min(n, maxMappingLen)
 		if t.head > 0 && len(t.maps) == cap(t.maps) {
@@ -357,8 +351,9 @@ func (t *txMappings) Seal(ssn uint32) {
 }
 
 // Truncate forgets bytes from SSN end on (a short write into gVisor: they
-// were never handed to TCP).
-func (t *txMappings) Truncate(end uint32) {
+// were never handed to TCP). sum is the data sum of what stays of the last
+// mapping.
+func (t *txMappings) Truncate(end uint32, sum uint16) {
 	if !ssnLT(end, t.next) {
 		return
 	}
@@ -372,10 +367,9 @@ func (t *txMappings) Truncate(end uint32) {
 			t.maps = t.maps[:k-1]
 			continue
 		}
-		// A partly kept mapping was never announced beyond end, and
-		// checksums need exact sums: the caller writes whole chunks, so
-		// this only happens without checksums.
+		// A partly kept mapping was never announced beyond end.
 		m.Len = int(end - m.SSN)
+		m.Sum = sum
 		break
 	}
 	if t.last >= len(t.maps) {

@@ -305,17 +305,17 @@ func TestTxMappings(t *testing.T) {
 			tab := newTxMappings(s)
 			require.Equal(t, s, tab.Next())
 			require.NoError(t, tab.Add(s, dsn, 1000))
-			require.NoError(t, tab.Add(s+1000, dsn+1000, 1000)) // contiguous: extends
-			require.Equal(t, 1, tab.Len())
-			require.NoError(t, tab.Add(s+2000, dsn+50_000, 100_000)) // DSN jump: new, split at 65535
-			require.Equal(t, 3, tab.Len())
+			require.NoError(t, tab.Add(s+1000, dsn+1000, 1000)) // contiguous: still a mapping of its own
+			require.Equal(t, 2, tab.Len())
+			require.NoError(t, tab.Add(s+2000, dsn+50_000, 100_000)) // split at 65535
+			require.Equal(t, 4, tab.Len())
 			require.ErrorIs(t, tab.Add(s+5, dsn, 10), ErrNonContiguous)
 			require.NoError(t, tab.Add(s+102_000, dsn+150_000, 0))
 			require.Equal(t, s+102_000, tab.Next())
 
 			m, ok := tab.Find(s + 1500)
 			require.True(t, ok)
-			require.Equal(t, txMapping{SSN: s, DSN: dsn, Len: 2000}, m)
+			require.Equal(t, txMapping{SSN: s + 1000, DSN: dsn + 1000, Len: 1000}, m)
 			d, n, ok := tab.Lookup(s + 1500)
 			require.True(t, ok)
 			require.Equal(t, uint64(dsn+1500), d)
@@ -329,15 +329,17 @@ func TestTxMappings(t *testing.T) {
 			_, _, ok = tab.Lookup(s - 1)
 			require.False(t, ok)
 
-			// A 65535-byte mapping is not extended further.
+			// Contiguous data is never appended to a mapping.
 			require.NoError(t, tab.Add(s+102_000, dsn+150_000, 10))
 			m, _ = tab.Find(s + 2000 + 65535)
-			require.Equal(t, 100_000-65535+10, m.Len)
+			require.Equal(t, 100_000-65535, m.Len)
 
 			require.Equal(t, []span{
-				{DSN: dsn, Len: 2000},
+				{DSN: dsn, Len: 1000},
+				{DSN: dsn + 1000, Len: 1000},
 				{DSN: dsn + 50_000, Len: 65535},
-				{DSN: dsn + 50_000 + 65535, Len: 100_000 - 65535 + 10},
+				{DSN: dsn + 50_000 + 65535, Len: 100_000 - 65535},
+				{DSN: dsn + 150_000, Len: 10},
 			}, tab.Unacked())
 
 			// Partial ack: the mapping stays whole for retransmissions,
@@ -345,13 +347,13 @@ func TestTxMappings(t *testing.T) {
 			tab.Ack(s + 1500)
 			m, ok = tab.Find(s + 1600)
 			require.True(t, ok)
-			require.Equal(t, txMapping{SSN: s, DSN: dsn, Len: 2000}, m)
+			require.Equal(t, txMapping{SSN: s + 1000, DSN: dsn + 1000, Len: 1000}, m)
 			require.Equal(t, span{DSN: dsn + 1500, Len: 500}, tab.Unacked()[0])
 			tab.Ack(s + 10) // old
 			require.Equal(t, span{DSN: dsn + 1500, Len: 500}, tab.Unacked()[0])
 
 			tab.Ack(s + 2000 + 65535)
-			require.Equal(t, 1, tab.Len())
+			require.Equal(t, 2, tab.Len())
 			_, ok = tab.Find(s + 1999)
 			require.False(t, ok)
 

@@ -31,6 +31,7 @@ type MIB struct {
 	DSSMappingDropped    atomic.Uint64 // table full or out of window
 	DSSNoMapping         atomic.Uint64 // data without a mapping
 	DSSNoMappingTX       atomic.Uint64 // a segment gVisor sent holds bytes without a mapping
+	RetransAckedTX       atomic.Uint64 // gVisor resent bytes the peer had already acknowledged
 	DSSChecksumFail      atomic.Uint64
 	DataAckRX            atomic.Uint64
 	DataAckInvalid       atomic.Uint64

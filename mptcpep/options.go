@@ -217,6 +217,10 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 				d.Checksum = header.DSSChecksum(m.DSN, m.SSN, uint16(m.Len), m.Sum)
 			}
 			cover = min(seg.PayloadLen, int(m.SSN+uint32(m.Len)-rel))
+		} else if ssnLT(rel, sf.acked) {
+			// gVisor retransmitted bytes whose ACK we saw first: the
+			// peer has them, no mapping needed.
+			mib.RetransAckedTX.Add(1)
 		} else {
 			mib.DSSNoMappingTX.Add(1)
 		}

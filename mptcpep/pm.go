@@ -27,6 +27,27 @@ func (c *Conn) pathManager() {
 		backoff time.Duration
 		running bool
 	}
+	// Joins wait until the peer proved (with a DSS) that it holds our keys:
+	// a Linux server registers the token only then, and answers an early
+	// MP_JOIN with a reset. A peer that stays silent gets them after 500 ms.
+	wait := time.NewTimer(500 * time.Millisecond)
+	for confirmed := false; !confirmed; {
+		c.mu.Lock()
+		confirmed = c.peerConfirmed
+		c.mu.Unlock()
+		if confirmed {
+			break
+		}
+		select {
+		case <-c.done:
+			wait.Stop()
+			return
+		case <-c.pmCh:
+		case <-wait.C:
+			confirmed = true
+		}
+	}
+	wait.Stop()
 	attempts := make(map[pair]*attempt)
 	results := make(chan pair, 16)
 	retry := time.NewTicker(500 * time.Millisecond)

@@ -172,7 +172,11 @@ func (c *Conn) push(scratch []byte) {
 		m, err := ep.Write(bytes.NewReader(buf), tcpip.WriteOptions{})
 		if int(m) < n {
 			c.mu.Lock()
-			sf.tx.Truncate(ssn + uint32(m))
+			var sum uint16
+			if c.csum {
+				sum = checksum.Checksum(buf[:m], 0)
+			}
+			sf.tx.Truncate(ssn+uint32(m), sum)
 			sf.wrote = ssn + uint32(m)
 			rest := span{DSN: dsn + uint64(m), Len: n - int(m)}
 			if reinj {

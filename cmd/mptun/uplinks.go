@@ -118,11 +118,13 @@ func (e *engine) Close() {
 	if e.ep != nil {
 		e.ep.Close()
 	}
-	if e.st != nil {
-		e.st.Close()
-	}
+	// The TUN readers stop first: gVisor's Stack.Close waits for the link
+	// endpoints while holding the stack lock a running reader may need.
 	for _, t := range e.tuns {
 		_ = t.Close()
+	}
+	if e.st != nil {
+		e.st.Close()
 	}
 	if e.host != nil {
 		if err := e.host.Close(); err != nil {

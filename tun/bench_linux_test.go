@@ -87,6 +87,8 @@ func BenchmarkThroughput(b *testing.B) {
 				require.Equal(b, int64(b.N)*chunk, n)
 				b.ReportMetric(float64(n)*8/elapsed.Seconds()/1e9, "Gbit/s")
 				st := ep.Stats()
+				b.ReportMetric(float64(st.WriteErrors), "write-errs")
+				b.ReportMetric(float64(st.Drops+st.ChecksumErrors), "drops")
 				if st.ReadBatches > 0 {
 					b.ReportMetric(float64(st.PacketsIn)/float64(st.ReadBatches), "pkts/read")
 				}

@@ -426,13 +426,16 @@ func kcVerifyData(t *testing.T, r kcResult, withChecksum, clientFirst bool, serv
 	// The server's first DATA_ACK acknowledges up to IDSN+1 (plus the
 	// MP_CAPABLE data); Linux sends it 32 bits wide until it has seen a
 	// 64-bit DSN from the peer.
+	// It may already cover later client data that arrived before the
+	// server acknowledged anything, so it must lie at or just above that.
 	require.NotEmpty(t, r.dataAcks[1])
 	first := r.dataAcks[1][0]
 	want := clientFirstDSN + mpcLen
+	ahead := first.DataAck - want
 	if !first.DataAck64 {
-		want = uint64(uint32(want))
+		ahead = uint64(uint32(first.DataAck) - uint32(want))
 	}
-	require.Equal(t, want, first.DataAck, "server's first DATA_ACK")
+	require.Less(t, ahead, uint64(1<<20), "server's first DATA_ACK %#x, want %#x or a little above", first.DataAck, want)
 
 	// DSS checksums: check every mapping whose data sits entirely in its
 	// packet (GSO super-packets are captured unsplit on veth).

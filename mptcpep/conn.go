@@ -48,6 +48,11 @@ type Conn struct {
 	peerConfirmed  bool
 	fallback       bool
 	fb             *fallbackConn
+	// infinite: fell back to TCP after the handshake; the meta-socket
+	// stays, with the initial subflow's sequence space as the data
+	// sequence space (an infinite mapping).
+	infinite   bool
+	shutWrSent bool
 
 	snd          *sendBuffer
 	sndNxt       uint64
@@ -241,7 +246,7 @@ func (c *Conn) deliver(sf *subflow, b []byte) {
 		dsn, n, ok := sf.rx.Lookup(sf.readSSN)
 		if !ok {
 			mib.DSSNoMapping.Add(1)
-			if sf.initial && !c.peerConfirmed && len(c.subflows) == 1 {
+			if c.infinite || (sf.initial && !c.peerConfirmed && len(c.subflows) == 1) {
 				// A peer that never sent a DSS fell back to TCP (RFC 8684
 				// 3.7): the stream continues at the DSN the subflow
 				// offset implies.
@@ -820,4 +825,75 @@ func (c *Conn) Keys() (local, remote Key) {
 		return 0, 0
 	}
 	return c.localKey, c.remoteKey
+}
+
+// fallBackLocked turns an established connection into plain TCP over its
+// initial subflow (RFC 8684 3.7). It is only possible while the subflow's
+// byte stream is the connection's: one subflow, nothing reinjected.
+func (c *Conn) fallBackLocked(sf *subflow) bool {
+	for _, s := range c.subflows {
+		if s != sf && s.state != sfClosed {
+			return false
+		}
+	}
+	if sf.reinjTx > 0 {
+		return false
+	}
+	c.e.MIB.MPCapableFallbackData.Add(1)
+	c.e.MIB.FallbackConns.Add(1)
+	c.fallback = true
+	c.infinite = true
+	c.reinjectQ = nil
+	c.e.log.Info("mptcp: peer fell back to TCP", "subflow", sf.tuple.String())
+	c.kickLocked()
+	c.pmKick()
+	c.wakeLocked()
+	return true
+}
+
+// infiniteAckLocked turns the subflow ACK into the DATA_ACK after a
+// fallback: the subflow's byte n is the connection's byte n.
+func (c *Conn) infiniteAckLocked(sf *subflow, seg *netstack.Segment) {
+	if !seg.ACK() || !sf.issKnown || sf.initial == false {
+		return
+	}
+	rel := seg.Ack - sf.iss
+	if ssnLT(sf.acked, rel) {
+		sf.acked = rel
+		sf.tx.Ack(rel)
+		sf.lastAckMove = time.Now()
+	}
+	ack := c.localIDSN + uint64(rel)
+	if end := c.snd.End(); dsnLT(end, ack) {
+		ack = end // the subflow FIN
+	}
+	if n, err := c.snd.Ack(ack); err == nil && n > 0 {
+		c.lastProgress = time.Now()
+		c.wakeLocked()
+	}
+	// The subflow window is the connection's window now.
+	if edge := ack + uint64(seg.Window)<<sf.peerWScale; dsnLT(c.sndEdge, edge) {
+		c.sndEdge = edge
+	}
+	if c.writeClosed && c.shutWrSent && c.snd.Una() == c.snd.End() && !c.finAcked {
+		c.finAcked = true
+		c.wakeLocked()
+	}
+	c.kickLocked()
+}
+
+// peerFinInfinite handles the peer's TCP FIN after a fallback: it is the
+// end of the connection's incoming stream.
+func (c *Conn) peerFinInfinite() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.infinite {
+		return false
+	}
+	if _, set := c.rcv.FinDSN(); !set {
+		_ = c.rcv.SetFin(c.rcv.RcvNxt())
+	}
+	c.kickLocked()
+	c.wakeLocked()
+	return true
 }

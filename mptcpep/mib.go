@@ -8,64 +8,65 @@ import (
 // MIB counts protocol events and errors of an Endpoint, in the spirit of
 // Linux's MPTcpExt counters: they make interop problems visible.
 type MIB struct {
-	MPCapableSYNTX       atomic.Uint64
-	MPCapableSYNRX       atomic.Uint64
-	MPCapableSYNACKRX    atomic.Uint64
-	MPCapableACKRX       atomic.Uint64
-	MPCapableDataRX      atomic.Uint64
-	MPCapableFallbackSYN atomic.Uint64 // peer's SYN had no (usable) MP_CAPABLE
-	MPCapableFallbackACK atomic.Uint64 // SYN/ACK or third ACK without MP_CAPABLE
-	MPCapableBadKey      atomic.Uint64
-	MPJoinSYNTX          atomic.Uint64
-	MPJoinSYNRX          atomic.Uint64
-	MPJoinSYNACKRX       atomic.Uint64
-	MPJoinSYNACKHMACFail atomic.Uint64
-	MPJoinACKRX          atomic.Uint64
-	MPJoinACKHMACFail    atomic.Uint64
-	MPJoinNoTokenFound   atomic.Uint64
-	MPJoinRejected       atomic.Uint64 // limits
-	MPJoinEstablished    atomic.Uint64
-	DSSRX                atomic.Uint64
-	DSSMappingRX         atomic.Uint64
-	DSSMappingConflict   atomic.Uint64
-	DSSMappingDropped    atomic.Uint64 // table full or out of window
-	DSSNoMapping         atomic.Uint64 // data without a mapping
-	DSSNoMappingTX       atomic.Uint64 // a segment gVisor sent holds bytes without a mapping
-	RetransAckedTX       atomic.Uint64 // gVisor resent bytes the peer had already acknowledged
-	DSSChecksumFail      atomic.Uint64
-	DataAckRX            atomic.Uint64
-	DataAckInvalid       atomic.Uint64
-	DataAckTX            atomic.Uint64 // pure ACKs sent for DATA_ACK updates
-	DataFinTX            atomic.Uint64
-	DataFinRX            atomic.Uint64
-	DupDataBytes         atomic.Uint64
-	WindowDropBytes      atomic.Uint64
-	OFOSegmentDrops      atomic.Uint64
-	ReinjectedBytes      atomic.Uint64
-	MPTCPRetransmits     atomic.Uint64 // connection-level retransmissions of the DATA_ACK head
-	AddAddrRX            atomic.Uint64
-	AddAddrTX            atomic.Uint64
-	AddAddrEchoRX        atomic.Uint64
-	AddAddrHMACFail      atomic.Uint64
-	RemoveAddrRX         atomic.Uint64
-	RemoveAddrTX         atomic.Uint64
-	MPPrioRX             atomic.Uint64
-	MPPrioTX             atomic.Uint64
-	MPFailRX             atomic.Uint64
-	MPFailTX             atomic.Uint64
-	MPFastcloseRX        atomic.Uint64
-	MPFastcloseTX        atomic.Uint64
-	MPRstRX              atomic.Uint64
-	MPRstTX              atomic.Uint64
-	OptionMalformed      atomic.Uint64
-	OptionNoRoom         atomic.Uint64
-	FallbackConns        atomic.Uint64
-	ConnsEstablished     atomic.Uint64
-	SubflowsEstablished  atomic.Uint64
-	SubflowsClosed       atomic.Uint64
-	SubflowErrors        atomic.Uint64
-	TokenCollisions      atomic.Uint64
-	PendingSYNDropped    atomic.Uint64
+	MPCapableSYNTX        atomic.Uint64
+	MPCapableSYNRX        atomic.Uint64
+	MPCapableSYNACKRX     atomic.Uint64
+	MPCapableACKRX        atomic.Uint64
+	MPCapableDataRX       atomic.Uint64
+	MPCapableFallbackSYN  atomic.Uint64 // peer's SYN had no (usable) MP_CAPABLE
+	MPCapableFallbackACK  atomic.Uint64 // SYN/ACK or third ACK without MP_CAPABLE
+	MPCapableFallbackData atomic.Uint64 // peer answered data without DSS: fell back after the handshake
+	MPCapableBadKey       atomic.Uint64
+	MPJoinSYNTX           atomic.Uint64
+	MPJoinSYNRX           atomic.Uint64
+	MPJoinSYNACKRX        atomic.Uint64
+	MPJoinSYNACKHMACFail  atomic.Uint64
+	MPJoinACKRX           atomic.Uint64
+	MPJoinACKHMACFail     atomic.Uint64
+	MPJoinNoTokenFound    atomic.Uint64
+	MPJoinRejected        atomic.Uint64 // limits
+	MPJoinEstablished     atomic.Uint64
+	DSSRX                 atomic.Uint64
+	DSSMappingRX          atomic.Uint64
+	DSSMappingConflict    atomic.Uint64
+	DSSMappingDropped     atomic.Uint64 // table full or out of window
+	DSSNoMapping          atomic.Uint64 // data without a mapping
+	DSSNoMappingTX        atomic.Uint64 // a segment gVisor sent holds bytes without a mapping
+	RetransAckedTX        atomic.Uint64 // gVisor resent bytes the peer had already acknowledged
+	DSSChecksumFail       atomic.Uint64
+	DataAckRX             atomic.Uint64
+	DataAckInvalid        atomic.Uint64
+	DataAckTX             atomic.Uint64 // pure ACKs sent for DATA_ACK updates
+	DataFinTX             atomic.Uint64
+	DataFinRX             atomic.Uint64
+	DupDataBytes          atomic.Uint64
+	WindowDropBytes       atomic.Uint64
+	OFOSegmentDrops       atomic.Uint64
+	ReinjectedBytes       atomic.Uint64
+	MPTCPRetransmits      atomic.Uint64 // connection-level retransmissions of the DATA_ACK head
+	AddAddrRX             atomic.Uint64
+	AddAddrTX             atomic.Uint64
+	AddAddrEchoRX         atomic.Uint64
+	AddAddrHMACFail       atomic.Uint64
+	RemoveAddrRX          atomic.Uint64
+	RemoveAddrTX          atomic.Uint64
+	MPPrioRX              atomic.Uint64
+	MPPrioTX              atomic.Uint64
+	MPFailRX              atomic.Uint64
+	MPFailTX              atomic.Uint64
+	MPFastcloseRX         atomic.Uint64
+	MPFastcloseTX         atomic.Uint64
+	MPRstRX               atomic.Uint64
+	MPRstTX               atomic.Uint64
+	OptionMalformed       atomic.Uint64
+	OptionNoRoom          atomic.Uint64
+	FallbackConns         atomic.Uint64
+	ConnsEstablished      atomic.Uint64
+	SubflowsEstablished   atomic.Uint64
+	SubflowsClosed        atomic.Uint64
+	SubflowErrors         atomic.Uint64
+	TokenCollisions       atomic.Uint64
+	PendingSYNDropped     atomic.Uint64
 }
 
 // Snapshot returns every counter by name.

@@ -266,6 +266,10 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 	if seg.RST() {
 		return true
 	}
+	if c.infinite {
+		c.infiniteAckLocked(sf, seg)
+		return true
+	}
 	if c.fallback {
 		return true
 	}
@@ -287,6 +291,15 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 			if c.hasPendingData() {
 				c.kickLocked()
 			}
+		}
+	}
+	// A peer that answers our data without any DSS fell back to TCP (RFC
+	// 8684 3.7): a middlebox stripped the options of our third ACK, say.
+	if sf.initial && sf.active && !c.peerConfirmed && !r.hasDSS && !r.hasMPC && sf.issKnown &&
+		sf.state == sfEstablished && (seg.PayloadLen > 0 || ssnLT(1, seg.Ack-sf.iss)) {
+		if c.fallBackLocked(sf) {
+			c.infiniteAckLocked(sf, seg)
+			return true
 		}
 	}
 	switch {

@@ -56,7 +56,7 @@ func (c *Conn) pathManager() {
 		now := time.Now()
 		locals := c.e.localList()
 		c.mu.Lock()
-		if c.isDone() || c.writeClosed && c.finAcked {
+		if c.isDone() || c.writeClosed && c.finAcked || c.fallback {
 			c.mu.Unlock()
 			return
 		}

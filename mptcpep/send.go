@@ -91,7 +91,7 @@ func (c *Conn) closeSubflows() {
 func (c *Conn) push(scratch []byte) {
 	for iter := 0; iter < 512; iter++ {
 		c.mu.Lock()
-		if c.fallback || c.isDone() || !c.hasPendingData() {
+		if (c.fallback && !c.infinite) || c.isDone() || !c.hasPendingData() {
 			c.mu.Unlock()
 			return
 		}
@@ -274,6 +274,22 @@ func (c *Conn) control() time.Time {
 	}
 	var sends []send
 	c.mu.Lock()
+	if c.infinite && !c.isDone() {
+		// Plain TCP now: the subflow FIN is the DATA_FIN.
+		if c.writeClosed && !c.shutWrSent && c.sndNxt == c.snd.End() && len(c.subflows) > 0 {
+			c.shutWrSent = true
+			ep := c.subflows[0].ep
+			c.actions = append(c.actions, func() { ep.Shutdown(tcpip.ShutdownWrite) })
+		}
+		if c.writeClosed && c.shutWrSent && c.snd.Una() == c.snd.End() {
+			c.finAcked = true
+		}
+		if c.finAcked && c.rcv.EOF() {
+			c.finishLocked(nil)
+		}
+		c.mu.Unlock()
+		return time.Time{}
+	}
 	if c.fallback || c.isDone() || !c.remoteKeyKnown {
 		c.mu.Unlock()
 		return time.Time{}

@@ -187,6 +187,9 @@ func (sf *subflow) reader() {
 			}
 			var e error
 			if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
+				if c.peerFinInfinite() {
+					return // the subflow stays open for sending
+				}
 				e = errSubflowEOF
 			} else {
 				e = fmt.Errorf("subflow %v: read: %s", sf.tuple, err)

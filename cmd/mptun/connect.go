@@ -6,8 +6,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 
 	"github.com/mptun/mptun/hostnet"
 	"github.com/mptun/mptun/mptcpep"
@@ -19,6 +25,7 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	var cf commonFlags
 	cf.register(fs)
 	timeout := fs.Duration("timeout", 10*time.Second, "connection set-up timeout")
+	plain := fs.Bool("plain", false, "plain TCP from the first uplink over the same userspace stack and TUN, no MPTCP (the baseline for the option layer's cost)")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
@@ -39,6 +46,22 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	}
 	defer eng.Close()
 	dctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	if *plain {
+		u := eng.host.Uplinks[0]
+		proto := ipv4.ProtocolNumber
+		if remote.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pc, err := gonet.DialTCPWithBind(dctx, eng.st.S,
+			tcpip.FullAddress{Addr: tcpip.AddrFromSlice(u.StackAddr.AsSlice())},
+			tcpip.FullAddress{Addr: tcpip.AddrFromSlice(remote.Addr().AsSlice()), Port: remote.Port()}, proto)
+		if err != nil {
+			return fmt.Errorf("dial %v: %w", remote, err)
+		}
+		defer pc.Close()
+		return pipe(ctx, pc, stdin, stdout)
+	}
 	conn, err := eng.ep.Dial(dctx, remote)
 	cancel()
 	if err != nil {
@@ -52,9 +75,15 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	return err
 }
 
+// halfCloser is a connection with half-close (an MPTCP or a TCP one).
+type halfCloser interface {
+	net.Conn
+	CloseWrite() error
+}
+
 // pipe copies stdin to conn (then half-closes) and conn to stdout, and
 // returns when both directions are done.
-func pipe(ctx context.Context, conn *mptcpep.Conn, stdin io.Reader, stdout io.Writer) error {
+func pipe(ctx context.Context, conn halfCloser, stdin io.Reader, stdout io.Writer) error {
 	up := make(chan error, 1)
 	down := make(chan error, 1)
 	go func() {
@@ -82,15 +111,21 @@ func pipe(ctx context.Context, conn *mptcpep.Conn, stdin io.Reader, stdout io.Wr
 			}
 			downDone = true
 		case <-ctx.Done():
-			conn.Abort()
+			if a, ok := conn.(interface{ Abort() }); ok {
+				a.Abort()
+			} else {
+				conn.Close()
+			}
 			return ctx.Err()
 		}
 	}
 	// Let the DATA_FIN exchange finish so the peer sees a clean end.
-	select {
-	case <-conn.Done():
-	case <-time.After(3 * time.Second):
-	case <-ctx.Done():
+	if d, ok := conn.(interface{ Done() <-chan struct{} }); ok {
+		select {
+		case <-d.Done():
+		case <-time.After(3 * time.Second):
+		case <-ctx.Done():
+		}
 	}
 	return nil
 }

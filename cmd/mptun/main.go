@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 )
 
@@ -43,6 +44,17 @@ common flags:
 `
 
 func main() {
+	// MPTUN_CPUPROFILE=FILE writes a CPU profile (for the benchmarks).
+	if f := os.Getenv("MPTUN_CPUPROFILE"); f != "" {
+		if out, err := os.Create(f); err == nil {
+			if err := pprof.StartCPUProfile(out); err == nil {
+				code := run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+				pprof.StopCPUProfile()
+				out.Close()
+				os.Exit(code)
+			}
+		}
+	}
 	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
 }
 

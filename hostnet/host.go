@@ -91,6 +91,9 @@ type Uplink struct {
 	Table        int // policy routing table
 
 	linkIndex int // of the uplink interface
+	// uplinkRoutes are the table's routes through the uplink; the kernel
+	// flushes them when the link goes administratively down.
+	uplinkRoutes []*netlink.Route
 	tunIndex  int
 }
 

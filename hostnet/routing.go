@@ -310,6 +310,7 @@ func (h *Host) setupRouting(u *Uplink) error {
 		def.Scope = netlink.SCOPE_LINK
 	}
 	routes = append(routes, def)
+	u.uplinkRoutes = []*netlink.Route{routes[1], def}
 	for _, r := range routes {
 		if err := h.nl.RouteAdd(r); err != nil {
 			return fmt.Errorf("add route %s table %d: %w", r, u.Table, err)
@@ -337,6 +338,18 @@ func (h *Host) setupRouting(u *Uplink) error {
 			return fmt.Errorf("add rule %s: %w", r, err)
 		}
 		h.push("delete rule "+r.String(), func() error { return ignoreGone(h.nl.RuleDel(r)) })
+	}
+	return nil
+}
+
+// RestoreRoutes puts back the uplink's routes in its table (the kernel
+// deletes routes through a link that goes administratively down and does
+// not bring them back). Idempotent.
+func (h *Host) RestoreRoutes(u *Uplink) error {
+	for _, r := range u.uplinkRoutes {
+		if err := h.nl.RouteReplace(r); err != nil {
+			return fmt.Errorf("uplink %s: restore route %s table %d: %w", u.Spec.Iface, r.Dst, u.Table, err)
+		}
 	}
 	return nil
 }

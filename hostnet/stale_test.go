@@ -128,3 +128,40 @@ func TestWatchLinks(t *testing.T) {
 		require.Equal(t, st.want, got, st.name)
 	}
 }
+
+// TestWatchLinksRestoresRoutes: an uplink set administratively down loses
+// the routes of its table (the kernel flushes them); WatchLinks puts them
+// back when it comes up, so subflows can use it again.
+func TestWatchLinksRestoresRoutes(t *testing.T) {
+	requireRoot(t)
+	tp := newTopo(t)
+	h := setupIn(t, tp, Config{Mode: ModeConnect, Instance: "r", Uplinks: []UplinkSpec{{Iface: "c0"}, {Iface: "c1"}}})
+	u := h.Uplinks[1]
+	tableRoutes := func() int {
+		rs, err := tp.cnl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: u.Table}, netlink.RT_FILTER_TABLE)
+		require.NoError(t, err)
+		n := 0
+		for _, r := range rs {
+			if r.LinkIndex == u.linkIndex {
+				n++
+			}
+		}
+		return n
+	}
+	require.Equal(t, 2, tableRoutes(), "subnet and default route through the uplink")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	werr := make(chan error, 1)
+	go func() { werr <- h.WatchLinks(ctx, func(LinkEvent) {}) }()
+	t.Cleanup(func() {
+		cancel()
+		require.NoError(t, <-werr)
+	})
+	time.Sleep(100 * time.Millisecond) // let the subscriptions open
+	c1, err := tp.cnl.LinkByName("c1")
+	require.NoError(t, err)
+	require.NoError(t, tp.cnl.LinkSetDown(c1))
+	require.Eventually(t, func() bool { return tableRoutes() == 0 }, 5*time.Second, 20*time.Millisecond, "kernel flushed the routes")
+	require.NoError(t, tp.cnl.LinkSetUp(c1))
+	require.Eventually(t, func() bool { return tableRoutes() == 2 }, 5*time.Second, 20*time.Millisecond, "routes restored")
+}

@@ -97,6 +97,9 @@ func (h *Host) WatchLinks(ctx context.Context, fn func(LinkEvent)) error {
 			kind := LinkDown
 			if now {
 				kind = LinkUp
+				if err := h.RestoreRoutes(u); err != nil {
+					h.log.Warn("uplink back up, routes not restored", "uplink", u.Spec.Iface, "err", err)
+				}
 			}
 			fn(LinkEvent{Uplink: u, Kind: kind})
 		case au, ok := <-addrs:

@@ -94,7 +94,7 @@ type Uplink struct {
 	// uplinkRoutes are the table's routes through the uplink; the kernel
 	// flushes them when the link goes administratively down.
 	uplinkRoutes []*netlink.Route
-	tunIndex  int
+	tunIndex     int
 }
 
 // Prefix is the /30 shared by KernelAddr and StackAddr.

@@ -45,6 +45,9 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		return err
 	}
 	defer eng.Close()
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go eng.watchUplinks(wctx, eng.locals)
 	dctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	if *plain {

@@ -37,6 +37,9 @@ func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		return err
 	}
 	defer eng.Close()
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go eng.watchUplinks(wctx, eng.locals)
 	l, err := eng.ep.Listen(uint16(port))
 	if err != nil {
 		return err

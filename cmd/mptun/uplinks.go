@@ -59,6 +59,8 @@ type engine struct {
 	ep   *mptcpep.Endpoint
 	tuns []*tun.Endpoint
 	log  *slog.Logger
+
+	locals []mptcpep.Local // one per uplink, as given to the endpoint
 }
 
 // startEngine builds TUNs, routing and NAT for the uplinks, a gVisor stack
@@ -107,10 +109,49 @@ func startEngine(ctx context.Context, mode hostnet.Mode, cf *commonFlags, port u
 	}
 	e.ep = mptcpep.New(st, mptcpep.Config{Checksum: cf.checksum, Logger: log})
 	e.ep.SetLocals(locals)
+	e.locals = locals
 	if mode == hostnet.ModeListen {
 		e.ep.SetAnnounce(announce)
 	}
 	return e, nil
+}
+
+// watchUplinks follows the uplinks until ctx ends: an uplink that goes
+// down is withdrawn from new subflows and from the running connections
+// (their data is reinjected on the others at once), and offered again when
+// it comes back, so the path manager re-creates its subflows.
+func (e *engine) watchUplinks(ctx context.Context, locals []mptcpep.Local) {
+	down := make(map[uint8]bool)
+	live := func() []mptcpep.Local {
+		var out []mptcpep.Local
+		for _, l := range locals {
+			if !down[l.ID] {
+				out = append(out, l)
+			}
+		}
+		if len(out) == 0 {
+			return locals // keep trying: a link may return unseen
+		}
+		return out
+	}
+	err := e.host.WatchLinks(ctx, func(ev hostnet.LinkEvent) {
+		id := uint8(ev.Uplink.Index + 1)
+		e.log.Warn("uplink changed", "iface", ev.Uplink.Spec.Iface, "event", ev.Kind.String())
+		switch ev.Kind {
+		case hostnet.LinkDown:
+			down[id] = true
+			e.ep.SetLocals(live())
+			for _, c := range e.ep.Conns() {
+				c.RemoveLocal(id)
+			}
+		case hostnet.LinkUp:
+			delete(down, id)
+			e.ep.SetLocals(live())
+		}
+	})
+	if err != nil && ctx.Err() == nil {
+		e.log.Error("watching uplinks failed: link changes go unnoticed", "err", err)
+	}
 }
 
 // Close tears everything down; safe on a partly built engine.

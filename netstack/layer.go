@@ -48,6 +48,7 @@ type Acceptor interface {
 type MuxStats struct {
 	SegmentsOut, SegmentsIn     atomic.Uint64
 	SegmentsSplit               atomic.Uint64
+	RewrittenInPlace            atomic.Uint64 // gVisor's packet reused, headers updated
 	SACKTrimmed                 atomic.Uint64
 	ControlSent                 atomic.Uint64
 	BadChecksumIn               atomic.Uint64
@@ -130,6 +131,7 @@ type outScratch struct {
 	mp      [maxTCPOptions]byte
 	optBuf  [maxTCPOptions * 2]byte
 	hdr     [header.IPv6MinimumSize + header.TCPMinimumSize + maxTCPOptions]byte
+	inPlace [header.IPv4MaximumHeaderSize + header.TCPHeaderMaximumSize]byte
 }
 
 // Layer is the MPTCP option layer of one NIC: a link endpoint between gVisor
@@ -337,60 +339,70 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 		sc.seg = Segment{}
 		l.mux.outPool.Put(sc)
 	}()
-	sc.payload = pkt.Data().ToBuffer()
-	payload := &sc.payload
-	ttl := uint8(64)
-	if ip.ipv6 {
-		ttl = header.IPv6(nh).HopLimit()
-	} else {
-		ttl = header.IPv4(nh).TTL()
-	}
 	seq := tcp.SequenceNumber()
 	flags := tcp.Flags()
 	origOpts := tcp.Options()
-	e.noteOut(l, ip.ipv6, tcp, pkt.Data().Size(), origOpts)
+	plen := pkt.Data().Size()
+	e.noteOut(l, ip.ipv6, tcp, plen, origOpts)
 
 	optBuf := &sc.optBuf
+	mp := &sc.mp
+	base := compactOptions(optBuf[:0], origOpts, false)
+	sackFree := compactOptions(optBuf[maxTCPOptions:maxTCPOptions], origOpts, true)
+	room := max(maxTCPOptions-len(base), maxTCPOptions-len(sackFree)) // may trim SACK blocks
+	seg := &sc.seg
+	*seg = Segment{
+		Tuple:      t,
+		Flags:      flags,
+		Seq:        seq,
+		Ack:        tcp.AckNumber(),
+		Window:     tcp.WindowSize(),
+		Options:    origOpts,
+		PayloadLen: plen,
+		Via:        l,
+		ipv6:       ip.ipv6,
+		outData:    pkt.Data(),
+		hasOut:     true,
+	}
+	n, cover := e.flow.Outgoing(seg, mp[:room])
+	opts := l.withOptions(base, sackFree, mp[:n])
+	if cover <= 0 || cover >= plen {
+		// The common case: one mapping covers the segment. gVisor's packet
+		// is reused and only its headers change.
+		if l.rewriteInPlace(sc, pkt, ip, nh, tcp, opts, plen) {
+			l.mux.Stats.RewrittenInPlace.Add(1)
+			return owned
+		}
+		owned = append(owned, l.rebuild(sc, pkt.Data().ToBuffer(), nh, ip, t, seq, flags, tcp, opts))
+		return owned
+	}
+
+	// A segment spanning two mappings is split where the first ends: the
+	// pieces are new packets sharing the payload.
+	sc.payload = pkt.Data().ToBuffer()
+	payload := &sc.payload
 	for first := true; ; first = false {
 		segFlags := flags
 		if !first {
 			// Continuation of a split: only the first piece may carry SYN.
 			segFlags &^= header.TCPFlagSyn
+			*seg = Segment{
+				Tuple:      t,
+				Flags:      segFlags,
+				Seq:        seq,
+				Ack:        tcp.AckNumber(),
+				Window:     tcp.WindowSize(),
+				Options:    origOpts,
+				PayloadLen: int(payload.Size()),
+				Via:        l,
+				ipv6:       ip.ipv6,
+				payload:    payload,
+			}
+			n, cover = e.flow.Outgoing(seg, mp[:room])
+			opts = l.withOptions(base, sackFree, mp[:n])
 		}
-		seg := &sc.seg
-		*seg = Segment{
-			Tuple:      t,
-			Flags:      segFlags,
-			Seq:        seq,
-			Ack:        tcp.AckNumber(),
-			Window:     tcp.WindowSize(),
-			Options:    origOpts,
-			PayloadLen: int(payload.Size()),
-			Via:        l,
-			ipv6:       ip.ipv6,
-			payload:    payload,
-		}
-		base := compactOptions(optBuf[:0], origOpts, false)
-		room := maxTCPOptions - len(base)
-		sackFree := compactOptions(optBuf[maxTCPOptions:maxTCPOptions], origOpts, true)
-		if maxRoom := maxTCPOptions - len(sackFree); maxRoom > room {
-			room = maxRoom // may trim SACK blocks below
-		}
-		mp := &sc.mp
-		n, cover := e.flow.Outgoing(seg, mp[:room])
-		opts := base
-		if len(base)+n > maxTCPOptions {
-			opts = sackFree
-			l.mux.Stats.SACKTrimmed.Add(1)
-		}
-		if len(opts)+n > maxTCPOptions {
-			l.mux.Stats.NoRoomForOptions.Add(1)
-			n = 0
-		}
-		opts = append(opts, mp[:n]...)
-		plen := int(payload.Size())
 		var part buffer.Buffer
-		if cover > 0 && cover < plen {
+		if cover > 0 && cover < int(payload.Size()) {
 			l.mux.Stats.SegmentsSplit.Add(1)
 			part = payload.Clone()
 			part.Truncate(int64(cover))
@@ -401,16 +413,108 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 			part = payload.Clone()
 			payload.Truncate(0)
 		}
-		sum := part.Checksum(0)
-		hdr := buildHeadersInto(sc.hdr[:], ip.ipv6, t, seq, tcp.AckNumber(), segFlags, tcp.WindowSize(), opts, int(part.Size()), sum, ttl)
-		np := l.newPacket(ip.ipv6, hdr, part)
-		owned = append(owned, np)
+		owned = append(owned, l.rebuild(sc, part, nh, ip, t, seq, segFlags, tcp, opts))
 		seq += uint32(cover)
 		if payload.Size() == 0 {
 			break
 		}
 	}
 	return owned
+}
+
+// withOptions appends the flow's options mp to gVisor's compacted options
+// (base), falling back to the SACK-free block (sackFree) when that makes
+// them fit, and to no MPTCP option at all when nothing does. The result
+// aliases the scratch behind base or sackFree.
+func (l *Layer) withOptions(base, sackFree, mp []byte) []byte {
+	opts := base
+	if len(base)+len(mp) > maxTCPOptions {
+		opts = sackFree
+		l.mux.Stats.SACKTrimmed.Add(1)
+	}
+	if len(opts)+len(mp) > maxTCPOptions {
+		l.mux.Stats.NoRoomForOptions.Add(1)
+		mp = nil
+	}
+	return append(opts, mp...)
+}
+
+// rebuild makes a new packet with payload part (taking it over) and
+// headers built from scratch, with a checksum over the payload.
+func (l *Layer) rebuild(sc *outScratch, part buffer.Buffer, nh []byte, ip ipInfo, t Tuple, seq uint32, flags header.TCPFlags, tcp header.TCP, opts []byte) *stack.PacketBuffer {
+	ttl := uint8(64)
+	if ip.ipv6 {
+		ttl = header.IPv6(nh).HopLimit()
+	} else {
+		ttl = header.IPv4(nh).TTL()
+	}
+	sum := part.Checksum(0)
+	hdr := buildHeadersInto(sc.hdr[:], ip.ipv6, t, seq, tcp.AckNumber(), flags, tcp.WindowSize(), opts, int(part.Size()), sum, ttl)
+	return l.newPacket(ip.ipv6, hdr, part)
+}
+
+// rewriteInPlace gives gVisor's packet the TCP options opts without
+// touching its payload: the IP and TCP headers move forward into the
+// headroom MaxHeaderLength reserved (claimed as the packet's link header,
+// which a lower endpoint without link header never uses: it reads the
+// packet as bytes), and the TCP checksum is updated from gVisor's
+// (RFC 1624) instead of summing the payload again. It reports false when
+// the packet does not allow it (no headroom, GSO, a link header below);
+// the caller then rebuilds the packet.
+func (l *Layer) rewriteInPlace(sc *outScratch, pkt *stack.PacketBuffer, ip ipInfo, nh []byte, tcp header.TCP, opts []byte, plen int) bool {
+	if pkt.GSOOptions.Type != stack.GSONone || l.lower.MaxHeaderLength() != 0 {
+		return false
+	}
+	oldTCPLen := int(tcp.DataOffset())
+	if oldTCPLen != len(tcp) || len(nh) != ip.hdrLen {
+		return false
+	}
+	newTCPLen := header.TCPMinimumSize + (len(opts)+3)&^3
+	// Never shrink: the headers cannot move back, so a shorter block is
+	// padded with NOPs to the old length.
+	newTCPLen = max(newTCPLen, oldTCPLen)
+	grow := newTCPLen - oldTCPLen
+	if grow > pkt.AvailableHeaderBytes() || len(pkt.LinkHeader().Slice()) != 0 {
+		return false
+	}
+
+	// gVisor's checksum covers pseudo-header, TCP header and payload, so
+	// the payload's sum is what remains after taking the other two out.
+	oldPseudo := header.PseudoHeaderChecksum(header.TCPProtocolNumber, ip.src, ip.dst, uint16(oldTCPLen+plen))
+	payloadSum := ^checksum.Checksum(tcp, oldPseudo)
+
+	// Build the new headers in a scratch buffer, then scatter them over the
+	// three adjacent header slices (link room, IP, TCP).
+	total := ip.hdrLen + newTCPLen
+	b := sc.inPlace[:total]
+	copy(b, nh)
+	th := header.TCP(b[ip.hdrLen:])
+	copy(th, tcp[:header.TCPMinimumSize])
+	o := th[header.TCPMinimumSize:]
+	k := copy(o, opts)
+	for i := k; i < len(o); i++ {
+		o[i] = header.TCPOptionNOP
+	}
+	th.SetDataOffset(uint8(newTCPLen))
+	th.SetChecksum(0)
+	if ip.ipv6 {
+		header.IPv6(b).SetPayloadLength(uint16(newTCPLen + plen))
+	} else {
+		v4 := header.IPv4(b)
+		v4.SetTotalLength(uint16(total + plen))
+		v4.SetChecksum(0)
+		v4.SetChecksum(^v4.CalculateChecksum())
+	}
+	sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, ip.src, ip.dst, uint16(newTCPLen+plen))
+	sum = checksum.Combine(sum, payloadSum)
+	th.SetChecksum(^checksum.Checksum(th, sum))
+
+	if grow > 0 {
+		b = b[copy(pkt.LinkHeader().Push(grow), b):]
+	}
+	b = b[copy(nh, b):]
+	copy(tcp, b)
+	return true
 }
 
 func (l *Layer) newPacket(ipv6 bool, hdr []byte, payload buffer.Buffer) *stack.PacketBuffer {

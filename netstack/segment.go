@@ -36,7 +36,9 @@ type Segment struct {
 	Via *Layer
 
 	ipv6     bool
-	payload  *buffer.Buffer   // outbound payload
+	payload  *buffer.Buffer   // outbound payload of a split segment
+	outData  stack.PacketData // outbound packet data (unsplit segment)
+	hasOut   bool
 	inData   stack.PacketData // inbound packet data
 	inOff    int              // offset of the payload in inData
 	hasIn    bool
@@ -65,6 +67,8 @@ func (s *Segment) PayloadSum() uint16 {
 		switch {
 		case s.payload != nil:
 			s.sum = s.payload.Checksum(0)
+		case s.hasOut:
+			s.sum = s.outData.Checksum()
 		case s.hasIn:
 			s.sum = s.inData.ChecksumAtOffset(s.inOff)
 		}

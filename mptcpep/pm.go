@@ -244,7 +244,6 @@ func (c *Conn) removeAddrInLocked(ids []uint8) {
 func (c *Conn) RemoveLocal(id uint8) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	best := c.ackSubflowLocked()
 	for _, sf := range c.subflows {
 		if sf.localID == id && sf.state != sfClosed {
 			sf.state = sfClosed
@@ -257,7 +256,9 @@ func (c *Conn) RemoveLocal(id uint8) {
 			}
 		}
 	}
-	if best != nil && best.localID != id {
+	// Tell the peer on a subflow that survives (picked after closing the
+	// withdrawn ones).
+	if best := c.ackSubflowLocked(); best != nil && best.localID != id {
 		b := make([]byte, 4)
 		header.RemoveAddr{AddrIDs: []uint8{id}}.Encode(b)
 		t := best.tuple

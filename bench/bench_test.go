@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -104,7 +105,11 @@ func TestProcParsers(t *testing.T) {
 
 func TestScenariosMatchTheIssue(t *testing.T) {
 	sc := Scenarios(20 * time.Second)
-	require.Len(t, sc, 6)
+	require.Len(t, sc, 7)
+	require.True(t, sc[6].unlimited(), "scenario 7 is the unshaped one")
+	for _, s := range sc[:6] {
+		require.False(t, s.unlimited(), s.String())
+	}
 	rates := map[int]float64{1: 100e6, 2: 60e6, 3: 70e6, 4: 100e6, 5: 100e6}
 	for _, s := range sc {
 		if want, ok := rates[s.ID]; ok {
@@ -131,7 +136,7 @@ func TestScenariosMatchTheIssue(t *testing.T) {
 		spec    string
 		want    []int
 		wantErr bool
-	}{{"all", []int{1, 2, 3, 4, 5, 6}, false}, {"3", []int{3}, false}, {"5, 1", []int{5, 1}, false}, {"7", nil, true}, {"x", nil, true}}
+	}{{"all", []int{1, 2, 3, 4, 5, 6, 7}, false}, {"3", []int{3}, false}, {"5, 1", []int{5, 1}, false}, {"8", nil, true}, {"x", nil, true}}
 	for _, tc := range tests {
 		got, err := selectScenarios(sc, tc.spec)
 		if tc.wantErr {
@@ -222,4 +227,120 @@ func TestRunnerEndToEnd(t *testing.T) {
 		require.FileExists(t, filepath.Join(dir, run.Raw))
 	}
 	require.Contains(t, progress.String(), "tcp-p1")
+}
+
+func TestParseProcPidStat(t *testing.T) {
+	tests := []struct {
+		name    string
+		raw     string
+		want    float64
+		wantErr bool
+	}{
+		{"plain", "1234 (mptun) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9 0 100 0 0", 3.25, false},
+		{"name with spaces and parens", "77 (a) b (c)) R 1 77 77 0 -1 0 0 0 0 0 1 2 0 0 20 0 1 0 5 0 0", 0.03, false},
+		{"truncated", "1 (x) S 1 2 3", 0, true},
+		{"no name", "1 x S", 0, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseProcPidStat([]byte(tc.raw))
+			if tc.wantErr {
+				require.Error(t, err)
+				return
+			}
+			require.NoError(t, err)
+			require.InDelta(t, tc.want, got, 1e-9)
+		})
+	}
+}
+
+func TestSynthIperfRoundTrip(t *testing.T) {
+	raw, err := synthIperf(125_000_000, 10, 2, 0, mptunExtra{Retrans: 7, CPUSeconds: 1.5, MPTCP: true, Subflows: 2})
+	require.NoError(t, err)
+	r, err := parseIperf(raw)
+	require.NoError(t, err)
+	require.InDelta(t, 100e6, r.End.SumReceived.BitsPerSecond, 1e-6)
+	require.InDelta(t, 20.0, r.End.CPU.HostTotal, 1e-9, "2 s of CPU in 10 s is 20 %")
+	require.NotNil(t, r.Mptun)
+	require.Equal(t, uint64(7), r.Mptun.Retrans)
+	require.True(t, r.Mptun.MPTCP)
+
+	_, err = synthIperf(0, 10, 0, 0, mptunExtra{})
+	require.ErrorContains(t, err, "no data")
+}
+
+func TestCountUntilEOF(t *testing.T) {
+	var last uint64
+	n, secs, err := countUntilEOF(strings.NewReader(strings.Repeat("x", 1<<20)), func(v uint64) { last = v })
+	require.NoError(t, err)
+	require.Equal(t, uint64(1<<20), n)
+	require.Equal(t, n, last)
+	require.GreaterOrEqual(t, secs, 0.0)
+
+	_, _, err = countUntilEOF(strings.NewReader(""), nil)
+	require.ErrorContains(t, err, "before any data")
+}
+
+func TestParseConnectStats(t *testing.T) {
+	stderr := "time=x level=WARN msg=hello\n{\n  \"conn\": {\"MPTCP\": true, \"Subflows\": [{\"Retransmits\": 3}, {\"Retransmits\": 4}]},\n  \"mib\": {\"ConnsEstablished\": 1}\n}\n"
+	st, err := parseConnectStats(stderr)
+	require.NoError(t, err)
+	require.True(t, st.Conn.MPTCP)
+	require.Len(t, st.Conn.Subflows, 2)
+	require.Equal(t, uint64(4), st.Conn.Subflows[1].Retransmits)
+	require.Equal(t, uint64(1), st.MIB["ConnsEstablished"])
+
+	_, err = parseConnectStats("mptun connect: dial: refused\n")
+	require.ErrorContains(t, err, "no --stats JSON")
+}
+
+func TestComparisonAndIssue2Tables(t *testing.T) {
+	sc := Scenarios(10 * time.Second)
+	sel := []Scenario{sc[0], sc[6]}
+	runs := []Run{
+		{ScenarioID: 1, Impl: "tcp-p0", Dir: Upload, GoodputMbit: 47},
+		{ScenarioID: 1, Impl: "kernel-mptcp", Dir: Upload, GoodputMbit: 92, Ratio: 0.92, Retrans: 10},
+		{ScenarioID: 1, Impl: "mptun-engine", Dir: Upload, GoodputMbit: 46, Ratio: 0.46, Retrans: 3},
+		{ScenarioID: 1, Impl: "mptun-tunnel", Dir: Upload, Err: "boom"},
+		{ScenarioID: 7, Impl: "mptun-plain", Dir: Download, GoodputMbit: 2000, MptunCPUPerGbit: 0.5},
+		{ScenarioID: 7, Impl: "mptun-engine", Dir: Download, GoodputMbit: 1800, MptunCPUPerGbit: 0.6},
+	}
+	var b strings.Builder
+	writeComparison(&b, sel, runs)
+	writeIssue2(&b, sel, runs)
+	out := b.String()
+	require.Contains(t, out, "| 1 | two-equal | up | 47.0 | 92.0 | 46.0 (0.50) | - | 3 (10) | - |")
+	require.Contains(t, out, "| mptun-engine | down | 1800 | 0.90 | 0.000 | 0.600 | 1.20 |")
+	require.Contains(t, out, "| mptun-engine | 46.0 | 46 | 0.0 | 0 |")
+	require.NotContains(t, out, "| 1 | two-equal | down |", "no runs for down: no row")
+}
+
+func TestSendForOverLoopback(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	type res struct {
+		n   uint64
+		err error
+	}
+	got := make(chan res, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- res{err: err}
+			return
+		}
+		defer c.Close()
+		n, _, err := countUntilEOF(c, nil)
+		got <- res{n, err}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	n, secs, err := sendFor(c.(*net.TCPConn), 200*time.Millisecond)
+	require.NoError(t, err)
+	require.InDelta(t, 0.2, secs, 0.15)
+	r := <-got
+	require.NoError(t, r.err)
+	require.Equal(t, n, r.n, "everything sent before the half-close arrives")
 }

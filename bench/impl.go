@@ -40,15 +40,22 @@ type Impl struct {
 	Setup func(ctx context.Context, topo *lab.Topology) error
 	// Transfer runs one timed transfer and returns iperf3's client JSON.
 	Transfer func(ctx context.Context, env Env) ([]byte, error)
+	// Teardown stops what Setup started (optional), before the topology goes.
+	Teardown func() error
 }
 
-// implementations lists what runs in scenario s.
-func implementations(s Scenario) []Impl {
+// implementations lists what runs in scenario s. The unlimited scenario
+// also runs `mptun connect --plain`, the baseline of the option layer.
+func implementations(s Scenario, cfg implConfig) []Impl {
 	var out []Impl
 	for i := range s.Paths {
 		out = append(out, singlePathTCP(i))
 	}
-	out = append(out, kernelMPTCP())
+	out = append(out, kernelMPTCP(), mptunEngine(cfg, false))
+	if s.unlimited() {
+		out = append(out, mptunEngine(cfg, true))
+	}
+	out = append(out, mptunTunnel(cfg))
 	return out
 }
 

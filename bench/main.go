@@ -29,6 +29,7 @@ import (
 )
 
 func main() {
+	runMpsinkIfAsked()
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -49,8 +50,9 @@ func run() error {
 		resultsDir   = flag.String("results", "bench/results", "results root; a DATE directory is created in it")
 		implFlag     = flag.String("impl", "", "comma-separated implementation names to run (default all)")
 		dirFlag      = flag.String("dir", "up,down", "directions: up, down or both")
-		note         = flag.String("note", "", "free-text note for the report (e.g. machine load)")
+		note         = flag.String("note", envOr("BENCH_NOTE", ""), "free-text note for the report (e.g. machine load; default $BENCH_NOTE)")
 		verbose      = flag.Bool("v", false, "debug logging")
+		mptunBin     = flag.String("mptun", "bin/mptun", "mptun binary (go build -o bin/mptun ./cmd/mptun)")
 	)
 	flag.Parse()
 	level := slog.LevelWarn
@@ -94,7 +96,18 @@ func run() error {
 	if err := os.MkdirAll(filepath.Join(dir, "raw"), 0o755); err != nil {
 		return fmt.Errorf("results dir: %w", err)
 	}
-	r := &runner{dir: dir, log: log, progress: os.Stderr, dirs: dirs}
+	bin, err := filepath.Abs(*mptunBin)
+	if err != nil {
+		return fmt.Errorf("-mptun: %w", err)
+	}
+	if _, err := os.Stat(bin); err != nil {
+		return fmt.Errorf("-mptun: %w (go build -o bin/mptun ./cmd/mptun)", err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("own binary (re-executed as mpsink): %w", err)
+	}
+	r := &runner{dir: dir, log: log, progress: os.Stderr, dirs: dirs, impls: implConfig{MptunBin: bin, Self: self}}
 	if *implFlag != "" {
 		want := strings.Split(*implFlag, ",")
 		r.implFilter = func(name string) bool {
@@ -131,6 +144,18 @@ func run() error {
 		if err != nil {
 			runErr = err
 			break
+		}
+	}
+	for _, sc := range selected {
+		if !sc.unlimited() {
+			continue
+		}
+		name, err := plotUnlimited(dir, sc, runs)
+		if err != nil {
+			return err
+		}
+		if name != "" {
+			plots = append(plots, name)
 		}
 	}
 	for _, d := range dirs {

@@ -35,6 +35,8 @@ type iperfResult struct {
 		} `json:"cpu_utilization_percent"`
 	} `json:"end"`
 	Error string `json:"error"`
+	// Mptun is set by the mptun implementations.
+	Mptun *mptunExtra `json:"mptun"`
 }
 
 func parseIperf(raw []byte) (iperfResult, error) {

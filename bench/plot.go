@@ -55,10 +55,20 @@ func plotTimeline(dir string, sc Scenario, r Run) (string, error) {
 
 // plotSummary draws a grouped bar chart: goodput per scenario, one bar per
 // implementation, for one direction.
-func plotSummary(dir string, scenarios []Scenario, runs []Run, d Direction) (string, error) {
+func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, error) {
+	// Unshaped scenarios run at Gbit/s and would flatten every other bar.
+	var scenarios []Scenario
+	for _, sc := range all {
+		if !sc.unlimited() {
+			scenarios = append(scenarios, sc)
+		}
+	}
+	if len(scenarios) == 0 {
+		return "", nil
+	}
 	var impls []string
 	for _, r := range runs {
-		if r.Dir == d && !slices.Contains(impls, r.Impl) {
+		if r.Dir == d && !slices.Contains(impls, r.Impl) && r.ScenarioID != unlimitedID(all) {
 			impls = append(impls, r.Impl)
 		}
 	}
@@ -109,4 +119,73 @@ func plotSummary(dir string, scenarios []Scenario, runs []Run, d Direction) (str
 		return "", fmt.Errorf("save %s: %w", name, err)
 	}
 	return name, nil
+}
+
+func unlimitedID(scenarios []Scenario) int {
+	for _, sc := range scenarios {
+		if sc.unlimited() {
+			return sc.ID
+		}
+	}
+	return -1
+}
+
+// plotUnlimited draws goodput and CPU per Gbit of every implementation in
+// the unshaped scenario, both directions.
+func plotUnlimited(dir string, sc Scenario, runs []Run) (string, error) {
+	var impls []string
+	for _, r := range runs {
+		if r.ScenarioID == sc.ID && !slices.Contains(impls, r.Impl) {
+			impls = append(impls, r.Impl)
+		}
+	}
+	if len(impls) == 0 {
+		return "", nil
+	}
+	p := plot.New()
+	p.Title.Text = fmt.Sprintf("%s: one connection, no rate limit", sc)
+	p.Y.Label.Text = "Mbit/s"
+	w := vg.Points(40)
+	for j, d := range []Direction{Upload, Download} {
+		vals := make(plotter.Values, len(impls))
+		for i, impl := range impls {
+			if r, ok := findRun(runs, sc.ID, impl, d); ok {
+				vals[i] = r.GoodputMbit
+			}
+		}
+		bars, err := plotter.NewBarChart(vals, w)
+		if err != nil {
+			return "", fmt.Errorf("bar chart: %w", err)
+		}
+		bars.Color = plotutil.Color(j)
+		bars.LineStyle.Width = 0
+		bars.Offset = w * vg.Length(float64(j)-0.5)
+		p.Add(bars)
+		p.Legend.Add(string(d), bars)
+		labels, err := plotter.NewLabels(barLabels(vals, bars.Offset))
+		if err != nil {
+			return "", fmt.Errorf("labels: %w", err)
+		}
+		p.Add(labels)
+	}
+	p.Legend.Top = true
+	p.Y.Min = 0
+	p.NominalX(impls...)
+	name := fmt.Sprintf("unlimited-s%d.png", sc.ID)
+	if err := p.Save(10*vg.Inch, 5*vg.Inch, filepath.Join(dir, name)); err != nil {
+		return "", fmt.Errorf("save %s: %w", name, err)
+	}
+	return name, nil
+}
+
+// barLabels puts each bar's value above it; offset is in points, the x
+// axis in categories, so the label is only roughly centred.
+func barLabels(vals plotter.Values, offset vg.Length) plotter.XYLabels {
+	xy := plotter.XYLabels{XYs: make(plotter.XYs, len(vals)), Labels: make([]string, len(vals))}
+	for i, v := range vals {
+		xy.XYs[i].X = float64(i) + float64(offset)/100
+		xy.XYs[i].Y = v
+		xy.Labels[i] = fmt.Sprintf("%.0f", v)
+	}
+	return xy
 }

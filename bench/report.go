@@ -62,6 +62,8 @@ func writeMarkdown(w io.Writer, meta Meta, scenarios []Scenario, runs []Run, plo
 		fmt.Fprintf(&b, "| %d | %s | %s | %s | %.1f | %.2f | %s | %d | %.2f | %s | %s |\n",
 			r.ScenarioID, r.Scenario, r.Impl, r.Dir, r.GoodputMbit, r.Ratio, fmtShares(r.Shares), r.Retrans, r.CPUPerGbit, below, raw)
 	}
+	writeComparison(&b, scenarios, runs)
+	writeIssue2(&b, scenarios, runs)
 	if len(plots) > 0 {
 		b.WriteString("\n## Plots\n\n")
 		for _, p := range plots {
@@ -104,4 +106,102 @@ func writeReport(dir string, meta Meta, scenarios []Scenario, runs []Run, plots 
 		return fmt.Errorf("latest.md: %w", err)
 	}
 	return nil
+}
+
+// findRun returns the error-free run of impl in scenario id and direction d.
+func findRun(runs []Run, id int, impl string, d Direction) (Run, bool) {
+	for _, r := range runs {
+		if r.ScenarioID == id && r.Impl == impl && r.Dir == d && r.Err == "" {
+			return r, true
+		}
+	}
+	return Run{}, false
+}
+
+// fmtVs is "goodput (ratio to base)" or "-" when a run is missing.
+func fmtVs(r Run, ok bool, base Run, baseOK bool) string {
+	if !ok {
+		return "-"
+	}
+	if !baseOK || base.GoodputMbit == 0 {
+		return fmt.Sprintf("%.1f", r.GoodputMbit)
+	}
+	return fmt.Sprintf("%.1f (%.2f)", r.GoodputMbit, r.GoodputMbit/base.GoodputMbit)
+}
+
+// writeComparison is mptun against the kernel in the same run, per
+// scenario and direction.
+func writeComparison(b *strings.Builder, scenarios []Scenario, runs []Run) {
+	b.WriteString("\n## mptun vs kernel MPTCP (same run)\n\nGoodput in Mbit/s, in brackets the ratio to kernel-mptcp; best single path is the best tcp-pN.\n\n| # | scenario | dir | best single path | kernel-mptcp | mptun-engine | mptun-tunnel | engine retrans (kernel) | engine below 50% s (kernel) |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+	for _, sc := range scenarios {
+		for _, d := range []Direction{Upload, Download} {
+			k, kok := findRun(runs, sc.ID, "kernel-mptcp", d)
+			e, eok := findRun(runs, sc.ID, "mptun-engine", d)
+			t, tok := findRun(runs, sc.ID, "mptun-tunnel", d)
+			if !kok && !eok && !tok {
+				continue
+			}
+			best := 0.0
+			for i := range sc.Paths {
+				if r, ok := findRun(runs, sc.ID, fmt.Sprintf("tcp-p%d", i), d); ok {
+					best = max(best, r.GoodputMbit)
+				}
+			}
+			re, below := "-", "-"
+			if eok && kok {
+				re = fmt.Sprintf("%d (%d)", e.Retrans, k.Retrans)
+				if e.BelowHalf != nil && k.BelowHalf != nil {
+					below = fmt.Sprintf("%.1f (%.1f)", *e.BelowHalf, *k.BelowHalf)
+				}
+			}
+			fmt.Fprintf(b, "| %d | %s | %s | %.1f | %s | %s | %s | %s | %s |\n", sc.ID, sc.Name, d, best,
+				fmtVs(k, kok, Run{}, false), fmtVs(e, eok, k, kok), fmtVs(t, tok, k, kok), re, below)
+		}
+	}
+}
+
+// writeIssue2 renders the figures issue 2 asks for: two 50 Mbit/s paths
+// (scenario 1: mptun connect vs kernel MPTCP vs single-path TCP, target 90 %
+// of 100 Mbit/s) and one unshaped connection (scenario 7: mptun connect vs
+// connect --plain vs kernel, targets > 1 Gbit/s, option layer <= 10 % of
+// --plain in throughput and CPU).
+func writeIssue2(b *strings.Builder, scenarios []Scenario, runs []Run) {
+	has := func(id int) bool {
+		return slices.ContainsFunc(scenarios, func(s Scenario) bool { return s.ID == id })
+	}
+	if has(1) {
+		b.WriteString("\n## Issue 2 (i): two 50 Mbit/s paths (scenario 1), target >= 90 Mbit/s\n\n| impl | up Mbit/s | % of 100 | down Mbit/s | % of 100 |\n|---|---:|---:|---:|---:|\n")
+		for _, impl := range []string{"mptun-engine", "mptun-tunnel", "kernel-mptcp", "tcp-p0", "tcp-p1"} {
+			u, uok := findRun(runs, 1, impl, Upload)
+			d, dok := findRun(runs, 1, impl, Download)
+			if !uok && !dok {
+				continue
+			}
+			fmt.Fprintf(b, "| %s | %.1f | %.0f | %.1f | %.0f |\n", impl, u.GoodputMbit, u.Ratio*100, d.GoodputMbit, d.Ratio*100)
+		}
+	}
+	if has(7) {
+		b.WriteString("\n## Issue 2 (ii): one connection, no rate limit (scenario 7, one veth pair, offloads on)\n\nTotal CPU is both endpoints (iperf3 processes, mpsink peer and mptun processes) per Gbit; mptun CPU is the mptun process(es) alone. Ratios are against `mptun connect --plain` (the same userspace stack and TUN without the MPTCP option layer).\n\n| impl | dir | Mbit/s | vs plain | total CPU s/Gbit | mptun CPU s/Gbit | mptun CPU vs plain |\n|---|---|---:|---:|---:|---:|---:|\n")
+		for _, d := range []Direction{Upload, Download} {
+			p, pok := findRun(runs, 7, "mptun-plain", d)
+			for _, impl := range []string{"mptun-engine", "mptun-plain", "mptun-tunnel", "kernel-mptcp", "tcp-p0"} {
+				r, ok := findRun(runs, 7, impl, d)
+				if !ok {
+					continue
+				}
+				vs, cpuVs := "-", "-"
+				if pok && p.GoodputMbit > 0 {
+					vs = fmt.Sprintf("%.2f", r.GoodputMbit/p.GoodputMbit)
+				}
+				if pok && p.MptunCPUPerGbit > 0 && r.MptunCPUPerGbit > 0 {
+					cpuVs = fmt.Sprintf("%.2f", r.MptunCPUPerGbit/p.MptunCPUPerGbit)
+				}
+				mcpu := "-"
+				if r.MptunCPUPerGbit > 0 {
+					mcpu = fmt.Sprintf("%.3f", r.MptunCPUPerGbit)
+				}
+				fmt.Fprintf(b, "| %s | %s | %.0f | %s | %.3f | %s | %s |\n", impl, d, r.GoodputMbit, vs, r.CPUPerGbit, mcpu, cpuVs)
+			}
+		}
+	}
 }

@@ -34,6 +34,11 @@ type Run struct {
 	// MachineCPUPerGbit is machine-wide busy CPU minus this process (the
 	// emulators) per Gbit: complete, but useless on a shared machine.
 	MachineCPUPerGbit float64 `json:"machine_cpu_s_per_gbit"`
+	// MptunCPUPerGbit is the CPU time of the mptun processes alone (connect,
+	// or tunnel client plus concentrator) per Gbit; 0 for other impls.
+	MptunCPUPerGbit float64 `json:"mptun_cpu_s_per_gbit,omitempty"`
+	// MPTCP is false when an mptun connection fell back to TCP.
+	MPTCP *bool `json:"mptcp,omitempty"`
 	// BelowHalf is, for outage scenarios, the time the total throughput
 	// spent below half of the surviving paths' rate during the outage.
 	BelowHalf *float64 `json:"below_half_s,omitempty"`
@@ -50,18 +55,27 @@ type runner struct {
 	dirs     []Direction
 	// implFilter keeps only implementations whose name it accepts (nil: all).
 	implFilter func(string) bool
+	impls      implConfig
 }
 
 func (r *runner) scenario(ctx context.Context, sc Scenario) ([]Run, error) {
 	var runs []Run
-	for _, impl := range implementations(sc) {
+	for _, impl := range implementations(sc, r.impls) {
 		if r.implFilter != nil && !r.implFilter(impl.Name) {
 			continue
 		}
 		got, err := r.impl(ctx, sc, impl)
 		runs = append(runs, got...)
 		if err != nil {
-			return runs, err
+			if ctx.Err() != nil {
+				return runs, err
+			}
+			// A failed set-up of one implementation is a result, not the
+			// end of the run.
+			fmt.Fprintf(r.progress, "  %-14s ERROR: %v\n", impl.Name, err)
+			for _, d := range r.dirs[len(got):] {
+				runs = append(runs, Run{ScenarioID: sc.ID, Scenario: sc.Name, Impl: impl.Name, Dir: d, Err: err.Error()})
+			}
 		}
 	}
 	return runs, nil
@@ -79,6 +93,13 @@ func (r *runner) impl(ctx context.Context, sc Scenario, impl Impl) ([]Run, error
 			r.log.Error("topology close", "err", err)
 		}
 	}()
+	if impl.Teardown != nil {
+		defer func() {
+			if err := impl.Teardown(); err != nil {
+				r.log.Error("teardown", "impl", impl.Name, "err", err)
+			}
+		}()
+	}
 	if impl.Setup != nil {
 		if err := impl.Setup(ctx, topo); err != nil {
 			return nil, fmt.Errorf("%s setup: %w", impl.Name, err)
@@ -154,9 +175,18 @@ func (r *runner) transfer(ctx context.Context, topo *lab.Topology, sc Scenario, 
 	run.Shares = shares(smp.s, dir)
 	run.Timeline = timeline(smp.s, dir)
 	run.Retrans = re1 - re0
+	if m := res.Mptun; m != nil {
+		// gVisor's retransmissions never reach the kernel counters.
+		run.Retrans += m.Retrans
+		run.MPTCP = &m.MPTCP
+	}
 	if gbit := res.End.SumReceived.Bytes * 8 / 1e9; gbit > 0 {
 		secs := res.End.SumReceived.Seconds
 		run.CPUPerGbit = (res.End.CPU.HostTotal + res.End.CPU.RemoteTotal) / 100 * secs / gbit
+		if m := res.Mptun; m != nil {
+			run.MptunCPUPerGbit = m.CPUSeconds / gbit
+			run.CPUPerGbit += run.MptunCPUPerGbit
+		}
 		run.MachineCPUPerGbit = max(0, (busy1-busy0-(self1-self0)).Seconds()) / gbit
 	}
 	if pi, o, ok := sc.outage(); ok {

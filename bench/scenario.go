@@ -28,6 +28,17 @@ func (s Scenario) pathRate() float64 {
 	return r
 }
 
+// unlimited is a scenario of Direct paths only (no emulator, no rate):
+// throughput and CPU of the implementations themselves.
+func (s Scenario) unlimited() bool {
+	for _, p := range s.Paths {
+		if !p.Direct {
+			return false
+		}
+	}
+	return len(s.Paths) > 0
+}
+
 // outage returns the first scripted outage of any path, if any.
 func (s Scenario) outage() (path int, o linkemu.Outage, ok bool) {
 	for i, p := range s.Paths {
@@ -58,6 +69,9 @@ func Scenarios(d time.Duration) []Scenario {
 		{ID: 4, Name: "lossy", Duration: d, Paths: []lab.Path{path("a", 50, 10*ms, 0.01), path("b", 50, 10*ms, 0.01)}},
 		{ID: 5, Name: "failover", Duration: d * 3 / 2, Timeline: true, Paths: []lab.Path{fail, path("b", 50, 10*ms, 0)}},
 		{ID: 6, Name: "three-unequal", Duration: d, Paths: []lab.Path{path("a", 50, 10*ms, 0), path("b", 20, 20*ms, 0), path("c", 10, 30*ms, 0)}},
+		// One plain veth pair, offloads on: what one connection of each
+		// implementation can do on this CPU (the emulator would be the limit).
+		{ID: 7, Name: "unlimited", Duration: d, Paths: []lab.Path{{Name: "direct", Direct: true}}},
 	}
 }
 

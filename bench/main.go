@@ -91,11 +91,7 @@ func run() error {
 		log.Warn("removed stale namespaces of crashed runs", "names", removed)
 	}
 
-	now := time.Now()
-	dir := filepath.Join(*resultsDir, now.UTC().Format("2006-01-02T150405Z"))
-	if err := os.MkdirAll(filepath.Join(dir, "raw"), 0o755); err != nil {
-		return fmt.Errorf("results dir: %w", err)
-	}
+	// Checked before the results directory exists: no empty run left behind.
 	bin, err := filepath.Abs(*mptunBin)
 	if err != nil {
 		return fmt.Errorf("-mptun: %w", err)
@@ -106,6 +102,11 @@ func run() error {
 	self, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("own binary (re-executed as mpsink): %w", err)
+	}
+	now := time.Now()
+	dir := filepath.Join(*resultsDir, now.UTC().Format("2006-01-02T150405Z"))
+	if err := os.MkdirAll(filepath.Join(dir, "raw"), 0o755); err != nil {
+		return fmt.Errorf("results dir: %w", err)
 	}
 	r := &runner{dir: dir, log: log, progress: os.Stderr, dirs: dirs, impls: implConfig{MptunBin: bin, Self: self}}
 	if *implFlag != "" {

@@ -282,14 +282,24 @@ func (l *Layer) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	var out stack.PacketBufferList
 	var owned []*stack.PacketBuffer
 	changed := false
-	for _, pkt := range pkts.AsSlice() {
+	list := pkts.AsSlice()
+	for i, pkt := range list {
 		n := len(owned)
 		owned = l.outbound(pkt, owned)
 		if len(owned) == n {
-			out.PushBack(pkt)
+			// Unchanged or rewritten in place: the list is built only
+			// once a packet is replaced (the usual batch needs none).
+			if changed {
+				out.PushBack(pkt)
+			}
 			continue
 		}
-		changed = true
+		if !changed {
+			changed = true
+			for _, p := range list[:i] {
+				out.PushBack(p)
+			}
+		}
 		for _, p := range owned[n:] {
 			out.PushBack(p)
 		}

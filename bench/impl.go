@@ -115,7 +115,7 @@ func iperf3Transfer(ctx context.Context, env Env, o iperf3Opts) ([]byte, error) 
 		cliArgs = append(cliArgs, "-R")
 	}
 	// The server needs a moment to listen; retry refused connections only.
-	deadline := time.Now().Add(3 * time.Second)
+	deadline := time.Now().Add(10 * time.Second) // a loaded machine starts iperf3 slowly
 	for {
 		out, err := env.Topo.Client.Command(ctx, cliArgs[0], cliArgs[1:]...).Output()
 		if err == nil {

@@ -79,6 +79,7 @@ func NewMux() *Mux {
 
 type flowEntry struct {
 	flow Flow
+	gone atomic.Bool // unregistered (or replaced): layers drop cached pointers
 
 	mu     sync.Mutex
 	via    *Layer
@@ -95,6 +96,9 @@ type flowEntry struct {
 // Register attaches f to the flow t (our side first).
 func (m *Mux) Register(t Tuple, f Flow) {
 	m.mu.Lock()
+	if old := m.flows[t]; old != nil {
+		old.gone.Store(true)
+	}
 	m.flows[t] = &flowEntry{flow: f}
 	m.mu.Unlock()
 }
@@ -102,6 +106,9 @@ func (m *Mux) Register(t Tuple, f Flow) {
 // Unregister detaches flow t.
 func (m *Mux) Unregister(t Tuple) {
 	m.mu.Lock()
+	if old := m.flows[t]; old != nil {
+		old.gone.Store(true)
+	}
 	delete(m.flows, t)
 	m.mu.Unlock()
 }
@@ -141,6 +148,26 @@ type Layer struct {
 	nested.Endpoint
 	lower stack.LinkEndpoint
 	mux   *Mux
+
+	// lastOut caches the flow of the last outgoing segment: a NIC usually
+	// carries one busy flow, and the Mux's map lookup (read lock, hashing
+	// two addresses) showed in profiles. Guarded by lastMu: the qdisc may
+	// run several dispatch goroutines.
+	lastMu  sync.Mutex
+	lastOut Tuple
+	lastE   *flowEntry
+}
+
+// lookupOut is Mux.lookup through the lastOut cache.
+func (l *Layer) lookupOut(t Tuple) *flowEntry {
+	l.lastMu.Lock()
+	defer l.lastMu.Unlock()
+	if e := l.lastE; e != nil && l.lastOut == t && !e.gone.Load() {
+		return e
+	}
+	e := l.mux.lookup(t)
+	l.lastOut, l.lastE = t, e
+	return e
 }
 
 // NewLayer wraps lower.
@@ -337,7 +364,7 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 	}
 	tcp := header.TCP(th)
 	t := Tuple{Local: addrPort(ip.src, tcp.SourcePort()), Remote: addrPort(ip.dst, tcp.DestinationPort())}
-	e := l.mux.lookup(t)
+	e := l.lookupOut(t)
 	if e == nil {
 		l.mux.Stats.PassThroughOut.Add(1)
 		return owned

@@ -148,6 +148,33 @@ func TestLayerInPlaceRandom(t *testing.T) {
 	}
 }
 
+// TestLayerFlowCache checks that the layer's cached flow follows Register
+// and Unregister of the same tuple.
+func TestLayerFlowCache(t *testing.T) {
+	tl := newTestLayer(t)
+	in := rawSeg{t: tup4, seq: 1, ack: 2, flags: header.TCPFlagAck, wnd: 3, opts: cat([]byte{nop, nop}, tsOpt(1, 2)), payload: payloadOf(10)}
+	a, b := &fakeFlow{}, &fakeFlow{}
+	steps := []struct {
+		name        string
+		do          func()
+		wantA, wantB int
+		passThrough uint64
+	}{
+		{"registered", func() { tl.mux.Register(tup4, a) }, 1, 0, 0},
+		{"cached", func() {}, 2, 0, 0},
+		{"unregistered", func() { tl.mux.Unregister(tup4) }, 2, 0, 1},
+		{"registered again", func() { tl.mux.Register(tup4, a) }, 3, 0, 1},
+		{"replaced", func() { tl.mux.Register(tup4, b) }, 3, 1, 1},
+	}
+	for _, st := range steps {
+		st.do()
+		tl.send(t, in)
+		require.Len(t, a.outs, st.wantA, st.name)
+		require.Len(t, b.outs, st.wantB, st.name)
+		require.Equal(t, st.passThrough, tl.mux.Stats.PassThroughOut.Load(), st.name)
+	}
+}
+
 // BenchmarkLayerOutbound is the option layer's cost per full-size segment
 // (headers rewritten in place, checksum updated incrementally).
 func BenchmarkLayerOutbound(b *testing.B) {

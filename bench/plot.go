@@ -113,6 +113,12 @@ func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, e
 	p.Add(sp)
 	p.Legend.Add("sum of path rates", sp)
 	p.Legend.Top = true
+	// Head room so the legend does not cover the bars.
+	var top float64
+	for _, xy := range ideal {
+		top = max(top, xy.Y)
+	}
+	p.Y.Min, p.Y.Max = 0, top*1.4
 	p.NominalX(names...)
 	name := fmt.Sprintf("summary-%s.png", d)
 	if err := p.Save(11*vg.Inch, 5*vg.Inch, filepath.Join(dir, name)); err != nil {

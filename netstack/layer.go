@@ -22,6 +22,10 @@ const OptionBudget = 28
 
 const maxTCPOptions = 40
 
+// minAckOption is the smallest useful MPTCP option on a pure ACK: a DSS
+// with a 32-bit DATA_ACK.
+const minAckOption = 8
+
 // Flow sees every TCP segment of a registered flow, in both directions. Its
 // methods run on gVisor's goroutines, sometimes under gVisor's endpoint locks:
 // they must never call back into a gVisor endpoint.
@@ -389,6 +393,12 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 	base := compactOptions(optBuf[:0], origOpts, false)
 	sackFree := compactOptions(optBuf[maxTCPOptions:maxTCPOptions], origOpts, true)
 	room := max(maxTCPOptions-len(base), maxTCPOptions-len(sackFree)) // may trim SACK blocks
+	if keep := maxTCPOptions - len(base); plen == 0 && len(sackFree) < len(base) && keep >= minAckOption {
+		// A pure ACK with SACK blocks: the sender's loss recovery needs
+		// them more than a 64-bit DATA_ACK, so the flow gets only the room
+		// that keeps them (it narrows its DSS to fit).
+		room = keep
+	}
 	seg := &sc.seg
 	*seg = Segment{
 		Tuple:      t,

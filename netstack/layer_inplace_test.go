@@ -155,10 +155,10 @@ func TestLayerFlowCache(t *testing.T) {
 	in := rawSeg{t: tup4, seq: 1, ack: 2, flags: header.TCPFlagAck, wnd: 3, opts: cat([]byte{nop, nop}, tsOpt(1, 2)), payload: payloadOf(10)}
 	a, b := &fakeFlow{}, &fakeFlow{}
 	steps := []struct {
-		name        string
-		do          func()
+		name         string
+		do           func()
 		wantA, wantB int
-		passThrough uint64
+		passThrough  uint64
 	}{
 		{"registered", func() { tl.mux.Register(tup4, a) }, 1, 0, 0},
 		{"cached", func() {}, 2, 0, 0},

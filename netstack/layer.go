@@ -418,8 +418,11 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 	if cover <= 0 || cover >= plen {
 		// The common case: one mapping covers the segment. gVisor's packet
 		// is reused and only its headers change.
-		if l.rewriteInPlace(sc, pkt, ip, nh, tcp, opts, plen) {
+		if np, ok := l.rewriteInPlace(sc, pkt, ip, nh, tcp, opts, plen); ok {
 			l.mux.Stats.RewrittenInPlace.Add(1)
+			if np != nil {
+				owned = append(owned, np)
+			}
 			return owned
 		}
 		owned = append(owned, l.rebuild(sc, pkt.Data().ToBuffer(), nh, ip, t, seq, flags, tcp, opts))
@@ -507,16 +510,20 @@ func (l *Layer) rebuild(sc *outScratch, part buffer.Buffer, nh []byte, ip ipInfo
 // headroom MaxHeaderLength reserved (claimed as the packet's link header,
 // which a lower endpoint without link header never uses: it reads the
 // packet as bytes), and the TCP checksum is updated from gVisor's
-// (RFC 1624) instead of summing the payload again. It reports false when
-// the packet does not allow it (no headroom, GSO, a link header below);
-// the caller then rebuilds the packet.
-func (l *Layer) rewriteInPlace(sc *outScratch, pkt *stack.PacketBuffer, ip ipInfo, nh []byte, tcp header.TCP, opts []byte, plen int) bool {
+// (RFC 1624) instead of summing the payload again.
+//
+// When the headers grow, the packet sent is a shallow clone (np) sharing
+// the payload: gVisor's NIC still reads the original's size after handing
+// it to the qdisc, so its header bookkeeping must not change under it.
+// ok is false when the packet does not allow the rewrite (no headroom,
+// GSO, a link header below); the caller then rebuilds the packet.
+func (l *Layer) rewriteInPlace(sc *outScratch, pkt *stack.PacketBuffer, ip ipInfo, nh []byte, tcp header.TCP, opts []byte, plen int) (np *stack.PacketBuffer, ok bool) {
 	if pkt.GSOOptions.Type != stack.GSONone || l.lower.MaxHeaderLength() != 0 {
-		return false
+		return nil, false
 	}
 	oldTCPLen := int(tcp.DataOffset())
 	if oldTCPLen != len(tcp) || len(nh) != ip.hdrLen {
-		return false
+		return nil, false
 	}
 	newTCPLen := header.TCPMinimumSize + (len(opts)+3)&^3
 	// Never shrink: the headers cannot move back, so a shorter block is
@@ -524,7 +531,7 @@ func (l *Layer) rewriteInPlace(sc *outScratch, pkt *stack.PacketBuffer, ip ipInf
 	newTCPLen = max(newTCPLen, oldTCPLen)
 	grow := newTCPLen - oldTCPLen
 	if grow > pkt.AvailableHeaderBytes() || len(pkt.LinkHeader().Slice()) != 0 {
-		return false
+		return nil, false
 	}
 
 	// gVisor's checksum covers pseudo-header, TCP header and payload, so
@@ -559,11 +566,15 @@ func (l *Layer) rewriteInPlace(sc *outScratch, pkt *stack.PacketBuffer, ip ipInf
 	th.SetChecksum(^checksum.Checksum(th, sum))
 
 	if grow > 0 {
-		b = b[copy(pkt.LinkHeader().Push(grow), b):]
+		np = pkt.Clone()
+		b = b[copy(np.LinkHeader().Push(grow), b):]
+		// That Push gave the clone its own copy of the header bytes
+		// (copy-on-write); the payload stays shared.
+		nh, tcp = np.NetworkHeader().Slice(), np.TransportHeader().Slice()
 	}
 	b = b[copy(nh, b):]
 	copy(tcp, b)
-	return true
+	return np, true
 }
 
 func (l *Layer) newPacket(ipv6 bool, hdr []byte, payload buffer.Buffer) *stack.PacketBuffer {

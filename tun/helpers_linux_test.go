@@ -149,6 +149,11 @@ func newStack(t tb, ep *Endpoint) *stack.Stack {
 	// Large buffers so that one flow is not window-limited on a fast link.
 	sack := tcpip.TCPSACKEnabled(true)
 	require.Nil(t, s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack))
+	// As netstack.New does: gVisor's RACK recovery can sit for tens of
+	// seconds with a backed-off RTO after a burst of losses (a TUN queue
+	// overflowing on a loaded machine), which made this test time out.
+	rec := tcpip.TCPRecovery(0)
+	require.Nil(t, s.SetTransportProtocolOption(tcp.ProtocolNumber, &rec))
 	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: 8 << 20}
 	require.Nil(t, s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv))
 	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: 4 << 20, Max: 8 << 20}

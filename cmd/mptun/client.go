@@ -61,6 +61,7 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 	setupTimeout := fs.Duration("setup-timeout", client.DefaultSetupTimeout, "bound on reaching the concentrator per flow")
 	metrics := fs.String("metrics", "", "unused by the client (accepted for config compatibility)")
 	configPath := fs.String("config", "", "TOML config `FILE` ([client] section); flags override it")
+	unbound := fs.Bool("unbound-auth", false, "authenticate without binding the tag to the MPTCP keys: for a concentrator running `mptun server --kernel` (kernel sockets do not expose the keys) or accepting plain TCP; such a tag can be replayed")
 	socket := fs.String("socket", "", "control socket `PATH` (default /run/mptun/<tun>.sock)")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
@@ -104,7 +105,7 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 	if *socket == "" {
 		*socket = client.SocketPath(*tunName)
 	}
-	d := &clientDaemon{log: log, server: srvAddr}
+	d := &clientDaemon{log: log, server: srvAddr, unboundAuth: *unbound}
 	defer d.close()
 	if err := d.start(ctx, &cf, client.TunnelConfig{
 		Name: *tunName, MTU: *tunMTU, Routes: routes, DefaultRoute: *defRoute,
@@ -129,10 +130,12 @@ type clientDaemon struct {
 	log     *slog.Logger
 	server  netip.AddrPort
 	started time.Time
-	eng     *engine
-	cl      *client.Client
-	meter   *client.RateMeter
-	undo    []func() // run last-first by close
+	// unboundAuth: tags over zero keys (--unbound-auth).
+	unboundAuth bool
+	eng         *engine
+	cl          *client.Client
+	meter       *client.RateMeter
+	undo        []func() // run last-first by close
 
 	mu      sync.Mutex
 	locals  []mptcpep.Local // all uplinks, index = uplink index
@@ -207,7 +210,11 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	}
 	cc.Stack = st
 	cc.Dial = func(ctx context.Context) (client.Upstream, error) {
-		return eng.ep.Dial(ctx, d.server)
+		c, err := eng.ep.Dial(ctx, d.server)
+		if err != nil || !d.unboundAuth {
+			return c, err
+		}
+		return unboundUpstream{c}, nil
 	}
 	cl, err := client.New(cc)
 	if err != nil {
@@ -317,3 +324,9 @@ func (d *clientDaemon) status(name string) client.Status {
 	}
 	return st
 }
+
+// unboundUpstream authenticates with zero keys (see --unbound-auth).
+type unboundUpstream struct{ *mptcpep.Conn }
+
+// Keys reports no keys, as a kernel-socket concentrator sees them.
+func (unboundUpstream) Keys() (local, remote mptcpep.Key) { return 0, 0 }

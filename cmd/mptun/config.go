@@ -27,6 +27,7 @@ type clientFileConfig struct {
 	QUIC         string   `toml:"quic"`
 	Metrics      string   `toml:"metrics"`
 	LogLevel     string   `toml:"log_level"`
+	UnboundAuth  bool     `toml:"unbound_auth"`
 }
 
 // serverFileConfig mirrors `mptun server` flags.
@@ -159,5 +160,8 @@ func (c *clientFileConfig) flagValues() map[string][]string {
 	str("quic", c.QUIC)
 	str("metrics", c.Metrics)
 	str("log-level", c.LogLevel)
+	if c.UnboundAuth {
+		m["unbound-auth"] = []string{"true"}
+	}
 	return m
 }

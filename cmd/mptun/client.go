@@ -59,7 +59,7 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 	quic := fs.String("quic", "reject", "UDP/443 (QUIC): carry, or reject with ICMP so browsers use TCP")
 	udpIdle := fs.Duration("udp-idle", client.DefaultUDPIdle, "close UDP associations idle this long")
 	setupTimeout := fs.Duration("setup-timeout", client.DefaultSetupTimeout, "bound on reaching the concentrator per flow")
-	metrics := fs.String("metrics", "", "unused by the client (accepted for config compatibility)")
+	metrics := fs.String("metrics", "", "serve Prometheus metrics (flow counters, MPTCP MIB) on `ADDR` (/metrics)")
 	configPath := fs.String("config", "", "TOML config `FILE` ([client] section); flags override it")
 	unbound := fs.Bool("unbound-auth", false, "authenticate without binding the tag to the MPTCP keys: for a concentrator running `mptun server --kernel` (kernel sockets do not expose the keys) or accepting plain TCP; such a tag can be replayed")
 	socket := fs.String("socket", "", "control socket `PATH` (default /run/mptun/<tun>.sock)")
@@ -78,7 +78,6 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 	}
-	_ = metrics
 	if *serverFlag == "" {
 		return usageError{errors.New("--server ADDR:PORT is required")}
 	}
@@ -105,7 +104,7 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 	if *socket == "" {
 		*socket = client.SocketPath(*tunName)
 	}
-	d := &clientDaemon{log: log, server: srvAddr, unboundAuth: *unbound}
+	d := &clientDaemon{log: log, server: srvAddr, unboundAuth: *unbound, metricsAddr: *metrics}
 	defer d.close()
 	if err := d.start(ctx, &cf, client.TunnelConfig{
 		Name: *tunName, MTU: *tunMTU, Routes: routes, DefaultRoute: *defRoute,
@@ -132,6 +131,7 @@ type clientDaemon struct {
 	started time.Time
 	// unboundAuth: tags over zero keys (--unbound-auth).
 	unboundAuth bool
+	metricsAddr string
 	eng         *engine
 	cl          *client.Client
 	meter       *client.RateMeter
@@ -222,6 +222,15 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	}
 	d.cl = cl
 	d.undo = append(d.undo, cl.Close)
+	if d.metricsAddr != "" {
+		stop, err := serveClientMetrics(ctx, d.metricsAddr, func(w io.Writer) error {
+			return writeClientMetrics(w, cl.Stats(), d.eng.ep.MIB.Snapshot())
+		}, d.log)
+		if err != nil {
+			return err
+		}
+		d.undo = append(d.undo, stop)
+	}
 
 	mctx, mcancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup

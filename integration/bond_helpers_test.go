@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -379,6 +380,21 @@ func bondMean(x []float64) float64 {
 		s += v
 	}
 	return s / float64(len(x))
+}
+
+// bondMedian is the median of x (the sustained rate of a series of
+// one-second samples, robust to a single stalled second).
+func bondMedian(x []float64) float64 {
+	if len(x) == 0 {
+		return 0
+	}
+	y := append([]float64(nil), x...)
+	sort.Float64s(y)
+	if n := len(y); n%2 == 1 {
+		return y[n/2]
+	} else {
+		return (y[n/2-1] + y[n/2]) / 2
+	}
 }
 
 // bondLeftovers lists mptun devices, policy rules and nft tables in ns.

@@ -89,27 +89,25 @@ func (c *Conn) closeSubflows() {
 // push hands connection data to subflows until nothing is left or no
 // subflow has room. rd is reused for every chunk.
 func (c *Conn) push(rd *chunkReader) {
-	var live []*subflow
-	var infos []sfInfo
 	for iter := 0; iter < 512; iter++ {
 		c.mu.Lock()
 		if (c.fallback && !c.infinite) || c.isDone() || !c.hasPendingData() {
 			c.mu.Unlock()
 			return
 		}
-		live, infos = live[:0], infos[:0]
+		live := make([]*subflow, 0, len(c.subflows))
 		for _, sf := range c.subflows {
 			if sf.usable() {
 				live = append(live, sf)
-				infos = append(infos, sf.info)
 			}
 		}
 		c.mu.Unlock()
 		if len(live) == 0 {
 			return
 		}
+		infos := make([]sfInfo, len(live))
 		for i, sf := range live {
-			infos[i] = sf.sampleSince(infos[i])
+			infos[i] = sf.sample()
 		}
 
 		c.mu.Lock()

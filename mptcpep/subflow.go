@@ -86,13 +86,7 @@ type sfInfo struct {
 	state    tcpip.EndpointState
 	sampled  time.Time
 	sampleOK bool
-	slowAt   time.Time // when mss and retrans were read
 }
-
-// slowSampleEvery is how often sample rereads what changes slowly (MSS)
-// or only feeds statistics (retransmits): every gVisor call takes the
-// endpoint's lock, which its own goroutines hold while sending.
-const slowSampleEvery = 100 * time.Millisecond
 
 func newSubflow(c *Conn, t netstack.Tuple, active, initial bool) *subflow {
 	return &subflow{
@@ -122,17 +116,12 @@ func (sf *subflow) inflight() int { return int(sf.wrote - sf.acked) }
 // sample reads the subflow's TCP state from gVisor. It must not run under
 // the connection lock: gVisor's endpoint lock may be held by a goroutine
 // that waits for it in the option layer.
-func (sf *subflow) sample() sfInfo { return sf.sampleSince(sfInfo{}) }
-
-// sampleSince is sample reusing the slowly changing parts of prev, the
-// last sample (sf.info), while they are fresh enough.
-func (sf *subflow) sampleSince(prev sfInfo) sfInfo {
+func (sf *subflow) sample() sfInfo {
 	var in sfInfo
 	ep := sf.ep
 	if ep == nil {
 		return in
 	}
-	now := time.Now()
 	var ti tcpip.TCPInfoOption
 	if err := ep.GetSockOpt(&ti); err == nil {
 		in.rtt = ti.RTT
@@ -145,21 +134,16 @@ func (sf *subflow) sampleSince(prev sfInfo) sfInfo {
 		queued = 0
 	}
 	in.sndFree = int(ep.SocketOptions().GetSendBufferSize()) - queued
-	if prev.mss > 0 && !prev.slowAt.IsZero() && now.Sub(prev.slowAt) < slowSampleEvery {
-		in.mss, in.retrans, in.slowAt = prev.mss, prev.retrans, prev.slowAt
-	} else {
-		if mss, err := ep.GetSockOptInt(tcpip.MaxSegOption); err == nil {
-			in.mss = mss
-		}
-		if st, ok := ep.Stats().(*tcp.Stats); ok {
-			in.retrans = st.SendErrors.Retransmits.Value()
-		}
-		in.slowAt = now
+	if mss, err := ep.GetSockOptInt(tcpip.MaxSegOption); err == nil {
+		in.mss = mss
 	}
 	if in.mss <= 0 {
 		in.mss = 1400
 	}
-	in.sampled = now
+	if st, ok := ep.Stats().(*tcp.Stats); ok {
+		in.retrans = st.SendErrors.Retransmits.Value()
+	}
+	in.sampled = time.Now()
 	return in
 }
 

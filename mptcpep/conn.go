@@ -279,26 +279,13 @@ func (c *Conn) placeLocked(sf *subflow, b []byte) {
 	sf.rx.Consume(sf.readSSN)
 }
 
-// dataAckNowLag is how far the DATA_ACK last sent may fall behind the data
-// delivered before a pure ACK goes out at once instead of after 1 ms (one
-// full read from a subflow).
-const dataAckNowLag = readChunk
-
 // deliveredLocked is the bookkeeping after a read from sf placed data:
 // the DATA_ACK to send and the application to wake.
 func (c *Conn) deliveredLocked(sf *subflow) {
 	c.lastRxSf = sf
-	if lag := c.rcv.RcvNxt() - c.lastDataAckTx; lag != 0 {
-		switch {
-		case lag >= dataAckNowLag:
-			// The peer's connection-level window ends at DATA_ACK +
-			// window: a DATA_ACK this far behind throttles it now.
-			c.ackDueAt = time.Now()
-			c.kickLocked()
-		case c.ackDueAt.IsZero():
-			c.ackDueAt = time.Now().Add(time.Millisecond)
-			c.kickLocked()
-		}
+	if c.rcv.RcvNxt() != c.lastDataAckTx && c.ackDueAt.IsZero() {
+		c.ackDueAt = time.Now().Add(time.Millisecond)
+		c.kickLocked()
 	}
 	c.wakeLocked()
 }

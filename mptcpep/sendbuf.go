@@ -36,7 +36,6 @@ type sendBuffer struct {
 	blocks   [][]byte   // each len sendBlockSize; the last one may be partly used
 	spare    [][]byte   // freed blocks kept for reuse, at most sendSpareBlocks
 	pool     *sync.Pool // shared by an Endpoint's connections, when set
-	pins     int        // while > 0, Ack keeps freed blocks (see Pin)
 }
 
 // newSendBuffer returns an empty buffer whose first byte will carry DSN isn
@@ -125,27 +124,6 @@ func (b *sendBuffer) Ack(dsn uint64) (int, error) {
 	b.una = dsn
 	b.length -= n
 	b.head += n
-	if b.pins == 0 {
-		b.release()
-	}
-	return n, nil
-}
-
-// Pin keeps every block in place, even when Ack frees its bytes, until the
-// matching Unpin: slices from Peek stay intact, so they can be handed to
-// gVisor without the connection lock and without a copy.
-func (b *sendBuffer) Pin() { b.pins++ }
-
-// Unpin ends a Pin and frees the blocks acked meanwhile.
-func (b *sendBuffer) Unpin() {
-	b.pins--
-	if b.pins == 0 {
-		b.release()
-	}
-}
-
-// release frees the blocks entirely behind head.
-func (b *sendBuffer) release() {
 	// Drop whole blocks now behind head; the block holding the tail stays
 	// (Write appends to it) unless everything was acked.
 	drop := b.head / sendBlockSize
@@ -168,6 +146,7 @@ func (b *sendBuffer) release() {
 			b.head -= drop * sendBlockSize
 		}
 	}
+	return n, nil
 }
 
 // Peek returns up to maxLen stored bytes starting at dsn, without copying.

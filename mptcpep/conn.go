@@ -235,10 +235,11 @@ func (c *Conn) startReader(sf *subflow) {
 	}()
 }
 
-// placeLocked puts bytes read from a subflow into the reassembly at the
-// DSNs the peer's mappings give them.
-func (c *Conn) placeLocked(sf *subflow, b []byte) {
+// deliver places bytes read from a subflow by the peer's mappings.
+func (c *Conn) deliver(sf *subflow, b []byte) {
 	mib := &c.e.MIB
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	sf.bytesRx += uint64(len(b))
 	c.stats.bytesReceived += uint64(len(b))
 	for len(b) > 0 {
@@ -277,11 +278,6 @@ func (c *Conn) placeLocked(sf *subflow, b []byte) {
 		b = b[k:]
 	}
 	sf.rx.Consume(sf.readSSN)
-}
-
-// deliveredLocked is the bookkeeping after a read from sf placed data:
-// the DATA_ACK to send and the application to wake.
-func (c *Conn) deliveredLocked(sf *subflow) {
 	c.lastRxSf = sf
 	if c.rcv.RcvNxt() != c.lastDataAckTx && c.ackDueAt.IsZero() {
 		c.ackDueAt = time.Now().Add(time.Millisecond)

@@ -156,7 +156,7 @@ func (sf *subflow) reader() {
 	we, ch := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
 	sf.wq.EventRegister(&we)
 	defer sf.wq.EventUnregister(&we)
-	w := rxWriter{sf: sf}
+	buf := make([]byte, 64<<10)
 	for {
 		// Back-pressure: wait for room in the connection buffer.
 		c.mu.Lock()
@@ -174,7 +174,7 @@ func (sf *subflow) reader() {
 		if done {
 			return
 		}
-		w.n = 0
+		w := writerTo{b: buf}
 		res, err := sf.ep.Read(&w, tcpip.ReadOptions{})
 		if err != nil {
 			if _, ok := err.(*tcpip.ErrWouldBlock); ok {
@@ -198,42 +198,26 @@ func (sf *subflow) reader() {
 			return
 		}
 		if res.Count > 0 {
-			c.mu.Lock()
-			c.deliveredLocked(sf)
-			c.mu.Unlock()
+			c.deliver(sf, buf[:res.Count])
 		}
 	}
 }
 
 var errSubflowEOF = errors.New("subflow closed by peer")
 
-// readChunk bounds one Read from a subflow, so the reader checks
-// back-pressure between reads as it did with a 64 KiB buffer.
-const readChunk = 64 << 10
-
-// rxWriter places what gVisor's Read hands out (one segment's bytes per
-// call) straight into the reassembly: no intermediate buffer, one copy
-// less. It takes the connection lock per call; gVisor holds only this
-// endpoint's own lock meanwhile, the same order as in Outgoing/Incoming.
-type rxWriter struct {
-	sf *subflow
-	n  int // bytes taken in the current Read
+// writerTo collects what gVisor's Read hands out into a fixed buffer.
+type writerTo struct {
+	b []byte
+	n int
 }
 
-func (w *rxWriter) Write(p []byte) (int, error) {
-	var err error
-	if room := readChunk - w.n; len(p) > room {
-		// The rest stays in gVisor for the next Read.
-		p, err = p[:room], errShortBuffer
+func (w *writerTo) Write(p []byte) (int, error) {
+	n := copy(w.b[w.n:], p)
+	w.n += n
+	if n < len(p) {
+		return n, errShortBuffer
 	}
-	if len(p) > 0 {
-		c := w.sf.c
-		c.mu.Lock()
-		c.placeLocked(w.sf, p)
-		c.mu.Unlock()
-		w.n += len(p)
-	}
-	return len(p), err
+	return n, nil
 }
 
 var errShortBuffer = errors.New("short buffer")

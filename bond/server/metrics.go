@@ -37,19 +37,34 @@ func (s *Server) WriteMetrics(w io.Writer, mib map[string]uint64) error {
 	} {
 		fmt.Fprintf(bw, "# HELP %s %s\n# TYPE %s %s\n%s %d\n", x.name, x.help, x.name, x.typ, x.name, x.v)
 	}
-	if len(mib) > 0 {
-		names := make([]string, 0, len(mib))
-		for k := range mib {
-			names = append(names, k)
-		}
-		sort.Strings(names)
-		fmt.Fprintf(bw, "# HELP mptun_mptcp_mib_total MPTCP engine counters.\n# TYPE mptun_mptcp_mib_total counter\n")
-		for _, k := range names {
-			fmt.Fprintf(bw, "mptun_mptcp_mib_total{counter=\"%s\"} %d\n", labelEscape(k), mib[k])
-		}
+	if err := WriteMIB(bw, mib); err != nil {
+		return err
 	}
 	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("server: write metrics: %w", err)
+	}
+	return nil
+}
+
+// WriteMIB writes the MPTCP engine's counters (nil or empty: nothing) as
+// mptun_mptcp_mib_total{counter="..."} in the Prometheus text format. The
+// client's metrics endpoint writes them the same way.
+func WriteMIB(w io.Writer, mib map[string]uint64) error {
+	if len(mib) == 0 {
+		return nil
+	}
+	names := make([]string, 0, len(mib))
+	for k := range mib {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	if _, err := fmt.Fprintf(w, "# HELP mptun_mptcp_mib_total MPTCP engine counters.\n# TYPE mptun_mptcp_mib_total counter\n"); err != nil {
+		return fmt.Errorf("server: write metrics: %w", err)
+	}
+	for _, k := range names {
+		if _, err := fmt.Fprintf(w, "mptun_mptcp_mib_total{counter=\"%s\"} %d\n", labelEscape(k), mib[k]); err != nil {
+			return fmt.Errorf("server: write metrics: %w", err)
+		}
 	}
 	return nil
 }

@@ -223,7 +223,7 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	d.cl = cl
 	d.undo = append(d.undo, cl.Close)
 	if d.metricsAddr != "" {
-		stop, err := serveClientMetrics(ctx, d.metricsAddr, func(w io.Writer) error {
+		stop, err := serveMetrics(ctx, d.metricsAddr, func(w io.Writer) error {
 			return writeClientMetrics(w, cl.Stats(), d.eng.ep.MIB.Snapshot())
 		}, d.log)
 		if err != nil {

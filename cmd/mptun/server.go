@@ -6,9 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"sync"
 	"time"
@@ -117,7 +115,13 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	if *metrics != "" {
-		stop, err := serveMetrics(ctx, *metrics, srv, mib, log)
+		stop, err := serveMetrics(ctx, *metrics, func(w io.Writer) error {
+			var m map[string]uint64
+			if mib != nil {
+				m = mib()
+			}
+			return srv.WriteMetrics(w, m)
+		}, log)
 		if err != nil {
 			return err
 		}
@@ -130,32 +134,6 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 		return nil
 	}
 	return err
-}
-
-// serveMetrics serves /metrics until stop is called.
-func serveMetrics(ctx context.Context, addr string, srv *server.Server, mib func() map[string]uint64, log *slog.Logger) (stop func(), err error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("--metrics %s: %w", addr, err)
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
-		var m map[string]uint64
-		if mib != nil {
-			m = mib()
-		}
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		if err := srv.WriteMetrics(w, m); err != nil {
-			log.Debug("metrics", "err", err)
-		}
-	})
-	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
-	go func() {
-		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("metrics server", "err", err)
-		}
-	}()
-	return func() { _ = hs.Close() }, nil
 }
 
 // ifaceHolding returns the interface that holds a.

@@ -8,10 +8,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"sort"
 	"time"
 
 	"github.com/mptun/mptun/bond/client"
+	"github.com/mptun/mptun/bond/server"
 )
 
 // writeClientMetrics writes the client's flow counters and the engine's
@@ -44,24 +44,12 @@ func writeClientMetrics(w io.Writer, st client.Stats, mib map[string]uint64) err
 			return err
 		}
 	}
-	names := make([]string, 0, len(mib))
-	for k := range mib {
-		names = append(names, k)
-	}
-	sort.Strings(names)
-	if _, err := fmt.Fprintf(w, "# HELP mptun_mptcp_mib_total MPTCP engine counters\n# TYPE mptun_mptcp_mib_total counter\n"); err != nil {
-		return err
-	}
-	for _, k := range names {
-		if _, err := fmt.Fprintf(w, "mptun_mptcp_mib_total{counter=%q} %d\n", k, mib[k]); err != nil {
-			return err
-		}
-	}
-	return nil
+	return server.WriteMIB(w, mib)
 }
 
-// serveClientMetrics serves /metrics on addr until the returned stop runs.
-func serveClientMetrics(ctx context.Context, addr string, write func(io.Writer) error, log *slog.Logger) (stop func(), err error) {
+// serveMetrics serves /metrics on addr, written by write, until the
+// returned stop runs. Client and concentrator both use it.
+func serveMetrics(ctx context.Context, addr string, write func(io.Writer) error, log *slog.Logger) (stop func(), err error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("--metrics %s: %w", addr, err)

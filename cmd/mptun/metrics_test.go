@@ -19,7 +19,7 @@ func TestClientMetrics(t *testing.T) {
 	require.NoError(t, err)
 	addr := ln.Addr().String()
 	ln.Close()
-	stop, err := serveClientMetrics(context.Background(), addr, func(w io.Writer) error {
+	stop, err := serveMetrics(context.Background(), addr, func(w io.Writer) error {
 		return writeClientMetrics(w, client.Stats{TCPFlows: 3, TCPActive: 1, AuthRefused: 2},
 			map[string]uint64{"ConnsEstablished": 3, "MPJoinSYNTX": 4})
 	}, slog.Default())

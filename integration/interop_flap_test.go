@@ -2,7 +2,6 @@ package integration
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"path/filepath"
 	"strconv"
@@ -27,28 +26,9 @@ func TestInteropConnectUplinkFlap(t *testing.T) {
 	upPath, upSHA := mpiWriteFile(t, dir, 7, size)
 	downPath := filepath.Join(dir, "down")
 
-	var ln net.Listener
-	require.NoError(t, kcInNetns(tp.srv, func() error {
-		var lc net.ListenConfig
-		lc.SetMultipathTCP(true)
-		var err error
-		ln, err = lc.Listen(ctx, "tcp4", "0.0.0.0:"+strconv.Itoa(mpiPort))
-		return err
-	}))
-	t.Cleanup(func() { ln.Close() })
-	srvRes := make(chan mpiPeerResult, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			srvRes <- mpiPeerResult{err: fmt.Errorf("accept: %w", err)}
-			return
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(50 * time.Second))
-		// Both directions: a Linux server that half-closed (DATA_FIN) no
-		// longer accepts joins.
-		srvRes <- mpiExchange(c.(*net.TCPConn), 8, size)
-	}()
+	// Both directions: a Linux server that half-closed (DATA_FIN) no
+	// longer accepts joins.
+	srvRes := mpiKernelServer(ctx, t, tp.srv, true, 8, size, 50*time.Second)
 
 	before := mpiNetstat(t, tp.srv)
 	t.Cleanup(func() {
@@ -65,12 +45,7 @@ func TestInteropConnectUplinkFlap(t *testing.T) {
 	mpiOut(t, "ip", "-n", tp.cli, "link", "set", "cli1", "up")
 	require.NoError(t, p.wait(t, 50*time.Second), "mptun connect failed; stderr:\n%s", p.stderr)
 
-	var res mpiPeerResult
-	select {
-	case res = <-srvRes:
-	case <-time.After(10 * time.Second):
-		require.FailNow(t, "kernel server did not finish after mptun exited")
-	}
+	res := mpiPeerWait(t, srvRes)
 	require.NoError(t, res.err)
 	require.Equal(t, int64(size), res.received)
 	require.Equal(t, upSHA, res.recvSHA, "upload corrupted")

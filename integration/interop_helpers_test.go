@@ -13,6 +13,7 @@ import (
 	"hash"
 	"io"
 	mrand "math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -464,4 +465,47 @@ func mpiExitError(err error) (*exec.ExitError, bool) {
 	var ee *exec.ExitError
 	ok := errors.As(err, &ee)
 	return ee, ok
+}
+
+// mpiKernelServer listens on mpiPort in namespace ns with the kernel's
+// sockets (MPTCP on or off; the listener stays open, since Linux takes
+// MP_JOIN SYNs through it), accepts one connection and runs mpiExchange
+// with seed and size on it, within deadline. The result arrives on the
+// returned channel.
+func mpiKernelServer(ctx context.Context, t *testing.T, ns string, mptcp bool, seed uint64, size int64, deadline time.Duration) <-chan mpiPeerResult {
+	t.Helper()
+	var ln net.Listener
+	require.NoError(t, kcInNetns(ns, func() error {
+		var lc net.ListenConfig
+		// Go enables MPTCP on listeners by default: set it either way.
+		lc.SetMultipathTCP(mptcp)
+		var err error
+		ln, err = lc.Listen(ctx, "tcp4", "0.0.0.0:"+strconv.Itoa(mpiPort))
+		return err
+	}))
+	t.Cleanup(func() { ln.Close() })
+	res := make(chan mpiPeerResult, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			res <- mpiPeerResult{err: fmt.Errorf("accept: %w", err)}
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(deadline))
+		res <- mpiExchange(c.(*net.TCPConn), seed, size)
+	}()
+	return res
+}
+
+// mpiPeerWait waits for the kernel peer's result after mptun exited.
+func mpiPeerWait(t *testing.T, ch <-chan mpiPeerResult) mpiPeerResult {
+	t.Helper()
+	select {
+	case r := <-ch:
+		return r
+	case <-time.After(10 * time.Second):
+		require.FailNow(t, "kernel peer did not finish after mptun exited")
+		return mpiPeerResult{}
+	}
 }

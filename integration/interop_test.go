@@ -90,26 +90,7 @@ func mpiConnectToKernel(t *testing.T, size int64, checksum bool) {
 
 	// The listener stays open for the whole connection: Linux handles
 	// MP_JOIN SYNs through it.
-	var ln net.Listener
-	require.NoError(t, kcInNetns(tp.srv, func() error {
-		var lc net.ListenConfig
-		lc.SetMultipathTCP(true)
-		var err error
-		ln, err = lc.Listen(ctx, "tcp4", "0.0.0.0:"+strconv.Itoa(mpiPort))
-		return err
-	}))
-	t.Cleanup(func() { ln.Close() })
-	srvRes := make(chan mpiPeerResult, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			srvRes <- mpiPeerResult{err: fmt.Errorf("accept: %w", err)}
-			return
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(50 * time.Second))
-		srvRes <- mpiExchange(c.(*net.TCPConn), 2, size)
-	}()
+	srvRes := mpiKernelServer(ctx, t, tp.srv, true, 2, size, 50*time.Second)
 
 	before := mpiNetstat(t, tp.srv)
 	stopSS := mpiWatchSS(tp.srv, net.JoinHostPort(mpiSrvAddr(0), strconv.Itoa(mpiPort)))
@@ -124,12 +105,7 @@ func mpiConnectToKernel(t *testing.T, size int64, checksum bool) {
 	}
 	require.NoError(t, err, "mptun connect failed; stderr:\n%s", p.stderr)
 
-	var res mpiPeerResult
-	select {
-	case res = <-srvRes:
-	case <-time.After(10 * time.Second):
-		require.FailNow(t, "kernel server did not finish after mptun exited")
-	}
+	res := mpiPeerWait(t, srvRes)
 	require.NoError(t, res.err, "kernel server; mptun stderr:\n%s", p.stderr)
 	require.True(t, res.mptcp, "kernel server socket fell back to TCP")
 	require.Equal(t, size, res.received)
@@ -268,38 +244,13 @@ func TestInteropFallback(t *testing.T) {
 	upPath, upSHA := mpiWriteFile(t, dir, 5, size)
 	downPath := filepath.Join(dir, "down")
 
-	var ln net.Listener
-	require.NoError(t, kcInNetns(tp.srv, func() error {
-		var lc net.ListenConfig
-		// Go enables MPTCP on listeners by default: switch it off.
-		lc.SetMultipathTCP(false)
-		var err error
-		ln, err = lc.Listen(ctx, "tcp4", "0.0.0.0:"+strconv.Itoa(mpiPort))
-		return err
-	}))
-	t.Cleanup(func() { ln.Close() })
-	srvRes := make(chan mpiPeerResult, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			srvRes <- mpiPeerResult{err: fmt.Errorf("accept: %w", err)}
-			return
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-		srvRes <- mpiExchange(c.(*net.TCPConn), 6, size)
-	}()
+	srvRes := mpiKernelServer(ctx, t, tp.srv, false, 6, size, 30*time.Second)
 
 	before := mpiNetstat(t, tp.srv)
 	p := mpiStart(ctx, t, tp.cli, upPath, downPath, "connect", "--uplink", "cli0", "--uplink", "cli1", "--stats",
 		net.JoinHostPort(mpiSrvAddr(0), strconv.Itoa(mpiPort)))
 	require.NoError(t, p.wait(t, 30*time.Second), "mptun connect; stderr:\n%s", p.stderr)
-	var res mpiPeerResult
-	select {
-	case res = <-srvRes:
-	case <-time.After(10 * time.Second):
-		require.FailNow(t, "server did not finish after mptun exited")
-	}
+	res := mpiPeerWait(t, srvRes)
 	require.NoError(t, res.err)
 	require.False(t, res.mptcp, "the plain TCP listener produced an MPTCP socket")
 	require.Equal(t, upSHA, res.recvSHA, "upload corrupted")

@@ -10,6 +10,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	mpheader "github.com/mptun/mptun/mptcpep/header"
 )
 
 // Tuple identifies a TCP flow from our side of it.
@@ -89,43 +91,28 @@ type TCPOptionsInfo struct {
 // ParseTCPOptions extracts the standard options the option layer cares about.
 func ParseTCPOptions(opts []byte) TCPOptionsInfo {
 	info := TCPOptionsInfo{WScale: -1}
-	for i := 0; i < len(opts); {
-		k := opts[i]
-		switch k {
-		case header.TCPOptionEOL:
-			return info
-		case header.TCPOptionNOP:
-			i++
-			continue
-		}
-		if i+1 >= len(opts) {
-			return info
-		}
-		l := int(opts[i+1])
-		if l < 2 || i+l > len(opts) {
-			return info
-		}
-		b := opts[i : i+l]
-		switch k {
+	// A malformed block yields what came before the bad option.
+	_ = mpheader.WalkTCPOptions(opts, func(kind uint8, b []byte) error {
+		switch kind {
 		case header.TCPOptionMSS:
-			if l == 4 {
+			if len(b) == 4 {
 				info.MSS = binary.BigEndian.Uint16(b[2:])
 			}
 		case header.TCPOptionWS:
-			if l == 3 {
+			if len(b) == 3 {
 				info.WScale = int(b[2])
 			}
 		case header.TCPOptionSACKPermitted:
 			info.SACKPermit = true
 		case header.TCPOptionTS:
-			if l == 10 {
+			if len(b) == 10 {
 				info.HasTS = true
 				info.TSVal = binary.BigEndian.Uint32(b[2:])
 				info.TSEc = binary.BigEndian.Uint32(b[6:])
 			}
 		}
-		i += l
-	}
+		return nil
+	})
 	return info
 }
 

@@ -138,8 +138,6 @@ type clientDaemon struct {
 	undo        []func() // run last-first by close
 
 	mu      sync.Mutex
-	locals  []mptcpep.Local // all uplinks, index = uplink index
-	down    map[uint8]bool  // local IDs whose link is down
 	linkErr error
 }
 
@@ -163,10 +161,6 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	}
 	d.eng = eng
 	d.undo = append(d.undo, eng.Close)
-	for i, u := range eng.host.Uplinks {
-		d.locals = append(d.locals, mptcpep.Local{Addr: u.StackAddr, ID: uint8(i + 1), Backup: u.Spec.Backup, Public: u.ExternalAddr})
-	}
-	d.down = map[uint8]bool{}
 
 	// The concentrator must answer before we take over any routing: a
 	// wrong address should not black-hole the host's traffic.
@@ -246,8 +240,7 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	}()
 	go func() {
 		defer wg.Done()
-		if err := eng.host.WatchLinks(mctx, d.onLinkEvent); err != nil {
-			d.log.Error("watching uplinks failed: link changes go unnoticed", "err", err)
+		if err := eng.watchUplinks(mctx); err != nil {
 			d.mu.Lock()
 			d.linkErr = err
 			d.mu.Unlock()
@@ -256,65 +249,14 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	return nil
 }
 
-// onLinkEvent withdraws an uplink that went down from new connections and
-// from the running ones (their data is reinjected on the other subflows at
-// once instead of after retransmission timeouts), and offers it again when
-// it comes back (the path manager then re-joins subflows over it).
-func (d *clientDaemon) onLinkEvent(ev hostnet.LinkEvent) {
-	id := uint8(ev.Uplink.Index + 1)
-	d.log.Warn("uplink changed", "iface", ev.Uplink.Spec.Iface, "event", ev.Kind.String(), "addr", ev.Addr)
-	switch ev.Kind {
-	case hostnet.LinkDown:
-		d.mu.Lock()
-		d.down[id] = true
-		d.mu.Unlock()
-		d.eng.ep.SetLocals(d.liveLocals())
-		for _, c := range d.eng.ep.Conns() {
-			c.RemoveLocal(id)
-		}
-	case hostnet.LinkUp:
-		d.mu.Lock()
-		delete(d.down, id)
-		d.mu.Unlock()
-		d.eng.ep.SetLocals(d.liveLocals())
-	case hostnet.AddrRemoved, hostnet.AddrAdded:
-		if ev.Addr.Addr() == ev.Uplink.ExternalAddr {
-			d.log.Warn("the uplink's SNAT address changed: restart mptun client to use the new one", "iface", ev.Uplink.Spec.Iface)
-		}
-	}
-}
-
-// liveLocals are the uplinks not known to be down. With all of them down
-// it keeps them all, so dialing still tries when a link returns unseen.
-func (d *clientDaemon) liveLocals() []mptcpep.Local {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	var out []mptcpep.Local
-	for _, l := range d.locals {
-		if !d.down[l.ID] {
-			out = append(out, l)
-		}
-	}
-	if len(out) == 0 {
-		return append([]mptcpep.Local(nil), d.locals...)
-	}
-	return out
-}
-
 func (d *clientDaemon) status(name string) client.Status {
 	conns := d.eng.ep.Conns()
 	cs, iv := d.meter.Conns(conns)
 	st := client.Status{Name: name, PID: os.Getpid(), Server: d.server.String(), Started: d.started,
 		Flows: d.cl.Stats(), Conns: cs, MIB: nonZero(d.eng.ep.MIB.Snapshot()), Interval: iv.Seconds()}
-	d.mu.Lock()
-	down := make(map[uint8]bool, len(d.down))
-	for k, v := range d.down {
-		down[k] = v
-	}
-	d.mu.Unlock()
 	for i, u := range d.eng.host.Uplinks {
 		us := client.UplinkStatus{Iface: u.Spec.Iface, TUN: u.TUNName, Addr: u.ExternalAddr.String(),
-			Backup: u.Spec.Backup, Up: !down[uint8(i+1)]}
+			Backup: u.Spec.Backup, Up: !d.eng.uplinkDown(uint8(i + 1))}
 		if u.Gateway.IsValid() {
 			us.Gateway = u.Gateway.String()
 		}

@@ -47,7 +47,7 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	defer eng.Close()
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	go eng.watchUplinks(wctx, eng.locals)
+	go func() { _ = eng.watchUplinks(wctx) }()
 	dctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	if *plain {

@@ -39,7 +39,7 @@ func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	defer eng.Close()
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	go eng.watchUplinks(wctx, eng.locals)
+	go func() { _ = eng.watchUplinks(wctx) }()
 	l, err := eng.ep.Listen(uint16(port))
 	if err != nil {
 		return err

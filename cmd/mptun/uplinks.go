@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/mptun/mptun/hostnet"
@@ -60,7 +61,10 @@ type engine struct {
 	tuns []*tun.Endpoint
 	log  *slog.Logger
 
-	locals []mptcpep.Local // one per uplink, as given to the endpoint
+	locals []mptcpep.Local // one per uplink (ID = index + 1), as given to the endpoint
+
+	downMu sync.Mutex
+	down   map[uint8]bool // local IDs whose link is down
 }
 
 // startEngine builds TUNs, routing and NAT for the uplinks, a gVisor stack
@@ -76,7 +80,7 @@ func startEngine(ctx context.Context, mode hostnet.Mode, cf *commonFlags, port u
 	if err != nil {
 		return nil, err
 	}
-	e := &engine{host: host, log: log}
+	e := &engine{host: host, log: log, down: make(map[uint8]bool)}
 	st, err := netstack.New(netstack.Options{})
 	if err != nil {
 		e.Close()
@@ -116,42 +120,67 @@ func startEngine(ctx context.Context, mode hostnet.Mode, cf *commonFlags, port u
 	return e, nil
 }
 
-// watchUplinks follows the uplinks until ctx ends: an uplink that goes
-// down is withdrawn from new subflows and from the running connections
-// (their data is reinjected on the others at once), and offered again when
-// it comes back, so the path manager re-creates its subflows.
-func (e *engine) watchUplinks(ctx context.Context, locals []mptcpep.Local) {
-	down := make(map[uint8]bool)
-	live := func() []mptcpep.Local {
-		var out []mptcpep.Local
-		for _, l := range locals {
-			if !down[l.ID] {
-				out = append(out, l)
-			}
-		}
-		if len(out) == 0 {
-			return locals // keep trying: a link may return unseen
-		}
-		return out
-	}
-	err := e.host.WatchLinks(ctx, func(ev hostnet.LinkEvent) {
-		id := uint8(ev.Uplink.Index + 1)
-		e.log.Warn("uplink changed", "iface", ev.Uplink.Spec.Iface, "event", ev.Kind.String())
-		switch ev.Kind {
-		case hostnet.LinkDown:
-			down[id] = true
-			e.ep.SetLocals(live())
-			for _, c := range e.ep.Conns() {
-				c.RemoveLocal(id)
-			}
-		case hostnet.LinkUp:
-			delete(down, id)
-			e.ep.SetLocals(live())
-		}
-	})
+// watchUplinks follows the uplinks until ctx ends (then it returns nil)
+// or the netlink subscription fails (logged and returned).
+func (e *engine) watchUplinks(ctx context.Context) error {
+	err := e.host.WatchLinks(ctx, e.onLinkEvent)
 	if err != nil && ctx.Err() == nil {
 		e.log.Error("watching uplinks failed: link changes go unnoticed", "err", err)
+		return err
 	}
+	return nil
+}
+
+// onLinkEvent withdraws an uplink that went down from new subflows and
+// from the running connections (their data is reinjected on the others at
+// once instead of after retransmission timeouts), and offers it again when
+// it comes back, so the path manager re-creates its subflows.
+func (e *engine) onLinkEvent(ev hostnet.LinkEvent) {
+	id := uint8(ev.Uplink.Index + 1)
+	e.log.Warn("uplink changed", "iface", ev.Uplink.Spec.Iface, "event", ev.Kind.String(), "addr", ev.Addr)
+	switch ev.Kind {
+	case hostnet.LinkDown:
+		e.downMu.Lock()
+		e.down[id] = true
+		e.downMu.Unlock()
+		e.ep.SetLocals(e.liveLocals())
+		for _, c := range e.ep.Conns() {
+			c.RemoveLocal(id)
+		}
+	case hostnet.LinkUp:
+		e.downMu.Lock()
+		delete(e.down, id)
+		e.downMu.Unlock()
+		e.ep.SetLocals(e.liveLocals())
+	case hostnet.AddrRemoved, hostnet.AddrAdded:
+		if ev.Addr.Addr() == ev.Uplink.ExternalAddr {
+			e.log.Warn("the uplink's SNAT address changed: restart mptun to use the new one", "iface", ev.Uplink.Spec.Iface)
+		}
+	}
+}
+
+// liveLocals are the uplinks not known to be down. With all of them down
+// it keeps them all, so dialing still tries when a link returns unseen.
+func (e *engine) liveLocals() []mptcpep.Local {
+	e.downMu.Lock()
+	defer e.downMu.Unlock()
+	var out []mptcpep.Local
+	for _, l := range e.locals {
+		if !e.down[l.ID] {
+			out = append(out, l)
+		}
+	}
+	if len(out) == 0 {
+		return append([]mptcpep.Local(nil), e.locals...)
+	}
+	return out
+}
+
+// uplinkDown reports whether the uplink with local address ID id is down.
+func (e *engine) uplinkDown(id uint8) bool {
+	e.downMu.Lock()
+	defer e.downMu.Unlock()
+	return e.down[id]
 }
 
 // Close tears everything down; safe on a partly built engine.

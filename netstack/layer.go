@@ -37,7 +37,10 @@ type Flow interface {
 	// segment gVisor sends. It returns how many bytes it wrote and how many
 	// payload bytes, from the segment's first, those options describe; when
 	// cover < seg.PayloadLen the layer splits the segment there and calls
-	// Outgoing again for the rest.
+	// Outgoing again for the rest. It may be asked twice about the same
+	// segment (once from AddHeader, under the sending TCP endpoint's lock,
+	// and again from WritePackets when the segment needs that split), so
+	// it must give the same answer for the same segment.
 	Outgoing(seg *Segment, opt []byte) (n, cover int)
 }
 
@@ -307,6 +310,33 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 	return e.flow.Incoming(seg)
 }
 
+// handledMark tags a packet that AddHeader finished (options written in
+// place, or not a flow of ours), so WritePackets passes it through. gVisor's
+// TCP leaves PacketBuffer.Owner nil (it carries a socket's uid/gid for
+// netfilter, which runs before the link endpoint); a packet that arrives
+// with an Owner is left to WritePackets.
+type handledMark struct{}
+
+func (handledMark) KUID() uint32 { return 0 }
+func (handledMark) KGID() uint32 { return 0 }
+
+// AddHeader implements stack.LinkEndpoint. gVisor's NIC calls it on the
+// sending goroutine (under the TCP endpoint's lock) before the packet enters
+// the qdisc, so the headers can be rewritten in gVisor's own packet: nobody
+// else looks at it yet (after the qdisc the NIC still reads its size, which
+// is why WritePackets, on the qdisc goroutine, must work on a clone). The
+// segments that need a split, and lower links with their own link header,
+// are left to WritePackets.
+func (l *Layer) AddHeader(pkt *stack.PacketBuffer) {
+	l.Endpoint.AddHeader(pkt)
+	if pkt.Owner != nil || pkt.TransportProtocolNumber != header.TCPProtocolNumber || l.lower.MaxHeaderLength() != 0 {
+		return
+	}
+	if l.outboundEarly(pkt) {
+		pkt.Owner = handledMark{}
+	}
+}
+
 // WritePackets implements stack.LinkEndpoint: segments of registered flows
 // are rebuilt with their MPTCP options; everything else passes through.
 func (l *Layer) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
@@ -316,7 +346,11 @@ func (l *Layer) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	list := pkts.AsSlice()
 	for i, pkt := range list {
 		n := len(owned)
-		owned = l.outbound(pkt, owned)
+		if _, done := pkt.Owner.(handledMark); done {
+			pkt.Owner = nil
+		} else {
+			owned = l.outbound(pkt, owned)
+		}
 		if len(owned) == n {
 			// Unchanged or rewritten in place: the list is built only
 			// once a packet is replaced (the usual batch needs none).
@@ -353,57 +387,57 @@ func (l *Layer) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	return n, err
 }
 
-// outbound appends the packets that replace pkt to owned (none: send pkt).
-func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) []*stack.PacketBuffer {
-	if pkt.TransportProtocolNumber != header.TCPProtocolNumber {
-		return owned
-	}
+// outPrep is what outboundEarly and outbound learn about a segment of a
+// registered flow before writing it.
+type outPrep struct {
+	e        *flowEntry
+	ip       ipInfo
+	nh       []byte
+	tcp      header.TCP
+	t        Tuple
+	plen     int
+	base     []byte // gVisor's options, compacted
+	sackFree []byte // the same without SACK blocks
+	room     int    // option space offered to the flow
+	opts     []byte // the options to send (after the flow's Outgoing)
+	cover    int    // payload bytes they describe
+}
+
+// prepare parses pkt and, for a registered flow, asks it for its options.
+// ok is false for a packet that passes through unchanged.
+func (l *Layer) prepare(sc *outScratch, pkt *stack.PacketBuffer, p *outPrep) (ok bool) {
 	nh, th := pkt.NetworkHeader().Slice(), pkt.TransportHeader().Slice()
 	if len(th) < header.TCPMinimumSize || len(nh) == 0 {
-		return owned
+		return false
 	}
 	ip, err := parseIP(nh)
 	if err != nil {
-		return owned
+		return false
 	}
 	tcp := header.TCP(th)
 	t := Tuple{Local: addrPort(ip.src, tcp.SourcePort()), Remote: addrPort(ip.dst, tcp.DestinationPort())}
 	e := l.lookupOut(t)
 	if e == nil {
 		l.mux.Stats.PassThroughOut.Add(1)
-		return owned
+		return false
 	}
-	l.mux.Stats.SegmentsOut.Add(1)
-	// Per-segment scratch comes from a pool: handed to the flow through an
-	// interface, it would otherwise escape to the heap on every segment.
-	sc := l.mux.outPool.Get().(*outScratch)
-	defer func() {
-		sc.payload.Release()
-		sc.seg = Segment{}
-		l.mux.outPool.Put(sc)
-	}()
-	seq := tcp.SequenceNumber()
-	flags := tcp.Flags()
-	origOpts := tcp.Options()
 	plen := pkt.Data().Size()
+	origOpts := tcp.Options()
 	e.noteOut(l, ip.ipv6, tcp, plen, origOpts)
-
-	optBuf := &sc.optBuf
-	mp := &sc.mp
-	base := compactOptions(optBuf[:0], origOpts, false)
-	sackFree := compactOptions(optBuf[maxTCPOptions:maxTCPOptions], origOpts, true)
-	room := max(maxTCPOptions-len(base), maxTCPOptions-len(sackFree)) // may trim SACK blocks
-	if keep := maxTCPOptions - len(base); plen == 0 && len(sackFree) < len(base) && keep >= minAckOption {
+	*p = outPrep{e: e, ip: ip, nh: nh, tcp: tcp, t: t, plen: plen}
+	p.base = compactOptions(sc.optBuf[:0], origOpts, false)
+	p.sackFree = compactOptions(sc.optBuf[maxTCPOptions:maxTCPOptions], origOpts, true)
+	p.room = max(maxTCPOptions-len(p.base), maxTCPOptions-len(p.sackFree)) // may trim SACK blocks
+	if keep := maxTCPOptions - len(p.base); plen == 0 && len(p.sackFree) < len(p.base) && keep >= minAckOption {
 		// A pure ACK with SACK blocks: the sender's loss recovery needs
 		// them more than a 64-bit DATA_ACK, so the flow gets only the room
 		// that keeps them (it narrows its DSS to fit).
-		room = keep
+		p.room = keep
 	}
-	seg := &sc.seg
-	*seg = Segment{
+	sc.seg = Segment{
 		Tuple:      t,
-		Flags:      flags,
-		Seq:        seq,
+		Flags:      tcp.Flags(),
+		Seq:        tcp.SequenceNumber(),
 		Ack:        tcp.AckNumber(),
 		Window:     tcp.WindowSize(),
 		Options:    origOpts,
@@ -413,12 +447,67 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 		outData:    pkt.Data(),
 		hasOut:     true,
 	}
-	n, cover := e.flow.Outgoing(seg, mp[:room])
-	opts := l.withOptions(base, sackFree, mp[:n])
+	n, cover := e.flow.Outgoing(&sc.seg, sc.mp[:p.room])
+	p.opts = l.withOptions(p.base, p.sackFree, sc.mp[:n])
+	p.cover = cover
+	return true
+}
+
+func (l *Layer) getScratch() *outScratch { return l.mux.outPool.Get().(*outScratch) }
+
+func (l *Layer) putScratch(sc *outScratch) {
+	sc.payload.Release()
+	sc.seg = Segment{}
+	l.mux.outPool.Put(sc)
+}
+
+// outboundEarly is AddHeader's part of outbound: it reports true when pkt
+// is done (rewritten in place, or not ours). A segment that needs a split
+// is left to outbound, which asks the flow again (Outgoing is idempotent
+// for a segment: it seals the same mapping and reports the same cover).
+func (l *Layer) outboundEarly(pkt *stack.PacketBuffer) bool {
+	sc := l.getScratch()
+	defer l.putScratch(sc)
+	var p outPrep
+	if !l.prepare(sc, pkt, &p) {
+		return true
+	}
+	if p.cover > 0 && p.cover < p.plen {
+		return false
+	}
+	if _, ok := l.rewriteHeaders(sc, pkt, p.ip, p.nh, p.tcp, p.opts, p.plen, false); !ok {
+		return false
+	}
+	l.mux.Stats.SegmentsOut.Add(1)
+	l.mux.Stats.RewrittenInPlace.Add(1)
+	return true
+}
+
+// outbound appends the packets that replace pkt to owned (none: send pkt).
+func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) []*stack.PacketBuffer {
+	if pkt.TransportProtocolNumber != header.TCPProtocolNumber {
+		return owned
+	}
+	// Per-segment scratch comes from a pool: handed to the flow through an
+	// interface, it would otherwise escape to the heap on every segment.
+	sc := l.getScratch()
+	defer l.putScratch(sc)
+	var p outPrep
+	if !l.prepare(sc, pkt, &p) {
+		return owned
+	}
+	l.mux.Stats.SegmentsOut.Add(1)
+	e, ip, nh, tcp, t, plen := p.e, p.ip, p.nh, p.tcp, p.t, p.plen
+	seq, flags, origOpts := tcp.SequenceNumber(), tcp.Flags(), tcp.Options()
+	base, sackFree, room, opts, cover := p.base, p.sackFree, p.room, p.opts, p.cover
+	mp := &sc.mp
+	seg := &sc.seg
+	var n int
 	if cover <= 0 || cover >= plen {
 		// The common case: one mapping covers the segment. gVisor's packet
-		// is reused and only its headers change.
-		if np, ok := l.rewriteInPlace(sc, pkt, ip, nh, tcp, opts, plen); ok {
+		// is reused and only its headers change (on a clone when they
+		// grow: see rewriteHeaders).
+		if np, ok := l.rewriteHeaders(sc, pkt, ip, nh, tcp, opts, plen, true); ok {
 			l.mux.Stats.RewrittenInPlace.Add(1)
 			if np != nil {
 				owned = append(owned, np)
@@ -505,19 +594,20 @@ func (l *Layer) rebuild(sc *outScratch, part buffer.Buffer, nh []byte, ip ipInfo
 	return l.newPacket(ip.ipv6, hdr, part)
 }
 
-// rewriteInPlace gives gVisor's packet the TCP options opts without
+// rewriteHeaders gives gVisor's packet the TCP options opts without
 // touching its payload: the IP and TCP headers move forward into the
 // headroom MaxHeaderLength reserved (claimed as the packet's link header,
 // which a lower endpoint without link header never uses: it reads the
 // packet as bytes), and the TCP checksum is updated from gVisor's
 // (RFC 1624) instead of summing the payload again.
 //
-// When the headers grow, the packet sent is a shallow clone (np) sharing
-// the payload: gVisor's NIC still reads the original's size after handing
-// it to the qdisc, so its header bookkeeping must not change under it.
+// With onClone (WritePackets, after the qdisc) grown headers go on a
+// shallow clone (np) sharing the payload: gVisor's NIC still reads the
+// original's size after handing it to the qdisc, so its header bookkeeping
+// must not change under it. AddHeader, before the qdisc, changes pkt itself.
 // ok is false when the packet does not allow the rewrite (no headroom,
 // GSO, a link header below); the caller then rebuilds the packet.
-func (l *Layer) rewriteInPlace(sc *outScratch, pkt *stack.PacketBuffer, ip ipInfo, nh []byte, tcp header.TCP, opts []byte, plen int) (np *stack.PacketBuffer, ok bool) {
+func (l *Layer) rewriteHeaders(sc *outScratch, pkt *stack.PacketBuffer, ip ipInfo, nh []byte, tcp header.TCP, opts []byte, plen int, onClone bool) (np *stack.PacketBuffer, ok bool) {
 	if pkt.GSOOptions.Type != stack.GSONone || l.lower.MaxHeaderLength() != 0 {
 		return nil, false
 	}
@@ -566,11 +656,15 @@ func (l *Layer) rewriteInPlace(sc *outScratch, pkt *stack.PacketBuffer, ip ipInf
 	th.SetChecksum(^checksum.Checksum(th, sum))
 
 	if grow > 0 {
-		np = pkt.Clone()
-		b = b[copy(np.LinkHeader().Push(grow), b):]
-		// That Push gave the clone its own copy of the header bytes
-		// (copy-on-write); the payload stays shared.
-		nh, tcp = np.NetworkHeader().Slice(), np.TransportHeader().Slice()
+		dst := pkt
+		if onClone {
+			np = pkt.Clone()
+			dst = np
+		}
+		b = b[copy(dst.LinkHeader().Push(grow), b):]
+		// Push may have given the packet its own copy of the header bytes
+		// (copy-on-write, always so for a clone); the payload stays shared.
+		nh, tcp = dst.NetworkHeader().Slice(), dst.TransportHeader().Slice()
 	}
 	b = b[copy(nh, b):]
 	copy(tcp, b)

@@ -204,3 +204,102 @@ func (constFlow) Incoming(*Segment) bool { return true }
 func (f constFlow) Outgoing(seg *Segment, opt []byte) (int, int) {
 	return copy(opt, f), seg.PayloadLen
 }
+
+// sendEarly is what gVisor's NIC does with a packet: AddHeader on the
+// sending goroutine, then (after the qdisc) WritePackets. It returns the
+// bytes that came out.
+func (tl *testLayer) sendEarly(t *testing.T, pkt *stack.PacketBuffer) [][]byte {
+	t.Helper()
+	defer pkt.DecRef()
+	tl.l.AddHeader(pkt)
+	var list stack.PacketBufferList
+	list.PushBack(pkt)
+	n, err := tl.l.WritePackets(list)
+	require.Nil(t, err)
+	require.Equal(t, 1, n)
+	require.Nil(t, pkt.Owner, "the handled mark does not leave the layer")
+	return readOut(tl.ch)
+}
+
+// TestLayerAddHeader checks the rewrite done in AddHeader, before the
+// qdisc: the common segment is finished there (the flow is asked once, the
+// bytes are those of the WritePackets path); a segment that needs a split
+// is left to WritePackets, which asks the flow again and splits it.
+func TestLayerAddHeader(t *testing.T) {
+	ts := cat([]byte{nop, nop}, tsOpt(0x01000001, 0x42424201))
+	seq := uint32(0x7000_0000)
+	t.Run("in place", func(t *testing.T) {
+		for _, tup := range []Tuple{tup4, tup6} {
+			tl := newTestLayer(t)
+			f := &fakeFlow{out: func(_ int, seg *Segment) ([]byte, int) { return dssOpt(20, 0xab), seg.PayloadLen }}
+			tl.mux.Register(tup, f)
+			in := rawSeg{t: tup, seq: seq, ack: 77, flags: header.TCPFlagAck | header.TCPFlagPsh, wnd: 512, opts: ts, payload: payloadOf(1400)}
+			got := tl.sendEarly(t, in.outPacketRoom(maxTCPOptions))
+			require.Len(t, got, 1)
+			require.Len(t, f.outs, 1, "the flow is asked once")
+			require.EqualValues(t, 1, tl.mux.Stats.RewrittenInPlace.Load())
+			require.EqualValues(t, 1, tl.mux.Stats.SegmentsOut.Load())
+			w := parseWire(t, got[0])
+			require.Equal(t, in.payload, w.payload)
+			want, _ := tl.sendRoom(t, in.outPacket())
+			require.Equal(t, normalized(want), normalized(got[0]))
+		}
+	})
+	t.Run("split left to WritePackets", func(t *testing.T) {
+		tl := newTestLayer(t)
+		// Answers by sequence number, as the engine does: the same segment
+		// gets the same answer however often it is asked.
+		f := &fakeFlow{out: func(_ int, seg *Segment) ([]byte, int) {
+			if seg.Seq == seq {
+				return dssOpt(20, 1), 600
+			}
+			return dssOpt(20, 2), seg.PayloadLen
+		}}
+		tl.mux.Register(tup4, f)
+		in := rawSeg{t: tup4, seq: seq, ack: 77, flags: header.TCPFlagAck | header.TCPFlagPsh, wnd: 512, opts: ts, payload: payloadOf(1400)}
+		got := tl.sendEarly(t, in.outPacketRoom(maxTCPOptions))
+		require.Len(t, got, 2)
+		require.Len(t, f.outs, 3, "first piece asked twice, second once")
+		require.EqualValues(t, 0, tl.mux.Stats.RewrittenInPlace.Load())
+		require.EqualValues(t, 1, tl.mux.Stats.SegmentsSplit.Load())
+		off := 0
+		for i, b := range got {
+			w := parseWire(t, b)
+			require.Equal(t, seq+uint32(off), w.tcp.SequenceNumber())
+			require.Equal(t, cat(ts, dssOpt(20, byte(i+1))), []byte(w.tcp.Options()))
+			off += len(w.payload)
+		}
+		require.Equal(t, 1400, off)
+	})
+	t.Run("not ours and owned packets pass", func(t *testing.T) {
+		tl := newTestLayer(t)
+		in := rawSeg{t: tup4, seq: seq, ack: 77, flags: header.TCPFlagAck, wnd: 512, opts: ts, payload: payloadOf(100)}
+		got := tl.sendEarly(t, in.outPacketRoom(maxTCPOptions))
+		require.Len(t, got, 1)
+		require.Equal(t, ts, []byte(parseWire(t, got[0]).tcp.Options()))
+		require.EqualValues(t, 1, tl.mux.Stats.PassThroughOut.Load(), "looked up once")
+
+		// A packet with an owner is left to WritePackets (the flow is
+		// asked there, once).
+		f := &fakeFlow{out: func(_ int, seg *Segment) ([]byte, int) { return dssOpt(8, 3), seg.PayloadLen }}
+		tl.mux.Register(tup4, f)
+		pkt := in.outPacketRoom(maxTCPOptions)
+		pkt.Owner = testOwner{}
+		tl.l.AddHeader(pkt)
+		require.Empty(t, f.outs)
+		var list stack.PacketBufferList
+		list.PushBack(pkt)
+		_, err := tl.l.WritePackets(list)
+		require.Nil(t, err)
+		pkt.DecRef()
+		out := readOut(tl.ch)
+		require.Len(t, out, 1)
+		require.Len(t, f.outs, 1)
+		require.Equal(t, cat(ts, dssOpt(8, 3)), []byte(parseWire(t, out[0]).tcp.Options()))
+	})
+}
+
+type testOwner struct{}
+
+func (testOwner) KUID() uint32 { return 1 }
+func (testOwner) KGID() uint32 { return 1 }

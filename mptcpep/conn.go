@@ -200,7 +200,15 @@ func (c *Conn) pmKick() {
 }
 
 func (c *Conn) hasPendingData() bool {
-	return len(c.reinjectQ) > 0 || (c.snd != nil && dsnLT(c.sndNxt, c.snd.End()))
+	if len(c.reinjectQ) > 0 || (c.snd != nil && dsnLT(c.sndNxt, c.snd.End())) {
+		return true
+	}
+	for _, sf := range c.subflows {
+		if sf.owed.Len > 0 && sf.usable() {
+			return true
+		}
+	}
+	return false
 }
 
 // start launches the connection's goroutines once the initial subflow is

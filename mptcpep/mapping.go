@@ -303,8 +303,8 @@ func (t *txMappings) AddSum(ssn uint32, dsn uint64, n int, sum uint16) error {
 	}
 	t.next += uint32(n)
 	// Every chunk gets a mapping of its own (no extension of the previous
-	// one): a mapping may already be on the wire, and a short write must
-	// be able to cut the last mapping and know its exact data sum.
+	// one): a mapping may already be on the wire, and its data sum must be
+	// that of exactly its bytes.
 	for n > 0 {
 		c := min(n, maxMappingLen)
 		if t.head > 0 && len(t.maps) == cap(t.maps) {
@@ -325,17 +325,6 @@ func (t *txMappings) AddSum(ssn uint32, dsn uint64, n int, sum uint16) error {
 	return nil
 }
 
-// combineAt adds the sum b of bytes that start at offset off after data
-// whose sum is a (a byte swap when off is odd, RFC 1071).
-func combineAt(a, b uint16, off int) uint16 {
-	if off%2 == 1 {
-		b = b>>8 | b<<8
-	}
-	s := uint32(a) + uint32(b)
-	s = s&0xffff + s>>16
-	return uint16(s&0xffff + s>>16)
-}
-
 // Seal marks the mapping covering ssn as announced.
 func (t *txMappings) Seal(ssn uint32) {
 	if t.last >= t.head && t.last < len(t.maps) && covers(t.maps[t.last].SSN, t.maps[t.last].Len, ssn) {
@@ -347,33 +336,6 @@ func (t *txMappings) Seal(ssn uint32) {
 			t.maps[i].sealed = true
 			return
 		}
-	}
-}
-
-// Truncate forgets bytes from SSN end on (a short write into gVisor: they
-// were never handed to TCP). sum is the data sum of what stays of the last
-// mapping.
-func (t *txMappings) Truncate(end uint32, sum uint16) {
-	if !ssnLT(end, t.next) {
-		return
-	}
-	t.next = end
-	for k := len(t.maps); k > t.head; k-- {
-		m := &t.maps[k-1]
-		if ssnLEQ(m.end(), end) {
-			break
-		}
-		if ssnLEQ(end, m.SSN) {
-			t.maps = t.maps[:k-1]
-			continue
-		}
-		// A partly kept mapping was never announced beyond end.
-		m.Len = int(end - m.SSN)
-		m.Sum = sum
-		break
-	}
-	if t.last >= len(t.maps) {
-		t.last = max(len(t.maps)-1, t.head)
 	}
 }
 

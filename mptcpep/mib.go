@@ -32,6 +32,7 @@ type MIB struct {
 	DSSMappingDropped     atomic.Uint64 // table full or out of window
 	DSSNoMapping          atomic.Uint64 // data without a mapping
 	DSSNoMappingTX        atomic.Uint64 // a segment gVisor sent holds bytes without a mapping
+	SubflowShortWrites    atomic.Uint64 // gVisor took part of a chunk: the rest is owed to that subflow
 	RetransAckedTX        atomic.Uint64 // gVisor resent bytes the peer had already acknowledged
 	DSSChecksumFail       atomic.Uint64
 	DataAckRX             atomic.Uint64

@@ -114,17 +114,24 @@ func (c *Conn) push(scratch []byte) {
 		for i, sf := range live {
 			sf.info = infos[i]
 		}
-		dsn, n, reinj, ok := c.nextChunkLocked()
-		if !ok {
-			c.mu.Unlock()
-			return
+		sf, dsn, n, owed := c.owedLocked(live)
+		reinj := false
+		if !owed {
+			var ok bool
+			dsn, n, reinj, ok = c.nextChunkLocked()
+			if !ok {
+				c.mu.Unlock()
+				return
+			}
+			var allowance int
+			sf, allowance = c.pickLocked(live)
+			if sf == nil {
+				c.mu.Unlock()
+				return
+			}
+			n = min(n, allowance)
 		}
-		sf, allowance := c.pickLocked(live)
-		if sf == nil {
-			c.mu.Unlock()
-			return
-		}
-		n = min(n, allowance, len(scratch))
+		n = min(n, len(scratch))
 		buf := scratch[:0]
 		for len(buf) < n {
 			p := c.snd.Peek(dsn+uint64(len(buf)), n-len(buf))
@@ -138,30 +145,35 @@ func (c *Conn) push(scratch []byte) {
 			c.mu.Unlock()
 			return
 		}
-		var sum uint16
-		if c.csum {
-			sum = checksum.Checksum(buf, 0)
-		}
-		ssn := sf.wrote
-		if err := sf.tx.AddSum(ssn, dsn, n, sum); err != nil {
-			c.mu.Unlock()
-			return
-		}
-		sf.wrote += uint32(n)
-		if reinj {
-			c.reinjectQ[0].DSN += uint64(n)
-			c.reinjectQ[0].Len -= n
-			if c.reinjectQ[0].Len <= 0 {
-				c.reinjectQ = c.reinjectQ[1:]
-			}
-			sf.reinjTx += uint64(n)
-			c.stats.reinjected += uint64(n)
-			c.e.MIB.ReinjectedBytes.Add(uint64(n))
+		if owed {
+			// The mapping is on the wire already: only the bytes go now.
+			sf.owed.DSN += uint64(n)
+			sf.owed.Len -= n
 		} else {
-			if c.snd.Una() == c.sndNxt {
-				c.lastProgress = time.Now()
+			var sum uint16
+			if c.csum {
+				sum = checksum.Checksum(buf, 0)
 			}
-			c.sndNxt += uint64(n)
+			if err := sf.tx.AddSum(sf.wrote, dsn, n, sum); err != nil {
+				c.mu.Unlock()
+				return
+			}
+			sf.wrote += uint32(n)
+			if reinj {
+				c.reinjectQ[0].DSN += uint64(n)
+				c.reinjectQ[0].Len -= n
+				if c.reinjectQ[0].Len <= 0 {
+					c.reinjectQ = c.reinjectQ[1:]
+				}
+				sf.reinjTx += uint64(n)
+				c.stats.reinjected += uint64(n)
+				c.e.MIB.ReinjectedBytes.Add(uint64(n))
+			} else {
+				if c.snd.Una() == c.sndNxt {
+					c.lastProgress = time.Now()
+				}
+				c.sndNxt += uint64(n)
+			}
 		}
 		if sf.lastAckMove.IsZero() || sf.inflight() == n {
 			sf.lastAckMove = time.Now()
@@ -170,21 +182,21 @@ func (c *Conn) push(scratch []byte) {
 		c.mu.Unlock()
 
 		m, err := ep.Write(bytes.NewReader(buf), tcpip.WriteOptions{})
+		c.mu.Lock()
+		sf.bytesTx += uint64(m)
 		if int(m) < n {
-			c.mu.Lock()
-			var sum uint16
-			if c.csum {
-				sum = checksum.Checksum(buf[:m], 0)
-			}
-			sf.tx.Truncate(ssn+uint32(m), sum)
-			sf.wrote = ssn + uint32(m)
+			// gVisor took less than the scheduler expected. Its segments
+			// may already have announced the whole mapping (they leave
+			// from inside Write), and a peer rejects a changed mapping
+			// (Linux resets the subflow), so the rest is owed to this
+			// subflow, at the SSNs the mapping gave it.
+			c.e.MIB.SubflowShortWrites.Add(1)
 			rest := span{DSN: dsn + uint64(m), Len: n - int(m)}
-			if reinj {
-				c.reinjectQ = append([]span{rest}, c.reinjectQ...)
+			if owed {
+				sf.owed = span{DSN: rest.DSN, Len: rest.Len + sf.owed.Len}
 			} else {
-				c.sndNxt = rest.DSN
+				sf.owed = rest
 			}
-			sf.bytesTx += uint64(m)
 			c.mu.Unlock()
 			if err != nil {
 				if _, wb := err.(*tcpip.ErrWouldBlock); !wb {
@@ -193,10 +205,19 @@ func (c *Conn) push(scratch []byte) {
 			}
 			return
 		}
-		c.mu.Lock()
-		sf.bytesTx += uint64(m)
 		c.mu.Unlock()
 	}
+}
+
+// owedLocked returns a live subflow that owes the rest of a chunk it took
+// only partly (see push), with the bytes it owes.
+func (c *Conn) owedLocked(live []*subflow) (*subflow, uint64, int, bool) {
+	for _, sf := range live {
+		if sf.owed.Len > 0 && sf.info.sndFree > 0 {
+			return sf, sf.owed.DSN, sf.owed.Len, true
+		}
+	}
+	return nil, 0, 0, false
 }
 
 // nextChunkLocked picks what to send next: reinjections first, then new
@@ -240,6 +261,14 @@ func (c *Conn) nextChunkLocked() (dsn uint64, n int, reinj, ok bool) {
 
 // pickLocked asks the scheduler for a subflow and how much it may take.
 func (c *Conn) pickLocked(live []*subflow) (*subflow, int) {
+	// A subflow owing the rest of a chunk takes nothing new before it.
+	ready := live[:0:0]
+	for _, sf := range live {
+		if sf.owed.Len == 0 {
+			ready = append(ready, sf)
+		}
+	}
+	live = ready
 	paths := make([]PathInfo, len(live))
 	for i, sf := range live {
 		paths[i] = PathInfo{

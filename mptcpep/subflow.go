@@ -57,7 +57,8 @@ type subflow struct {
 	peerWScale    uint8
 	tx            *txMappings
 	rx            *rxMappings
-	wrote         uint32 // SSN of the next byte written into ep
+	wrote         uint32 // SSN following the last mapping (the bytes of owed are not in ep yet)
+	owed          span   // the tail of a chunk gVisor did not take: written next, at its mapping's SSNs
 	acked         uint32 // subflow-level ACK seen from the peer (relative)
 	lastAckMove   time.Time
 	stale         bool

@@ -216,6 +216,7 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	// Initial subflow, the endpoint's join and the join to the announced
 	// address.
 	require.GreaterOrEqual(t, len(st.Conn.Subflows), 2, "joins accepted: %+v", st.Conn.Subflows)
+	t.Logf("kernel client MPTcpExt counters that moved: %v; mptun MIB: %v", mpiNonZero(mpiDelta(before, mpiNetstat(t, tp.cli))), st.MIB)
 	mpiRequirePathsCarried(t, st, size, size)
 	require.GreaterOrEqual(t, st.MIB["AddAddrTX"], uint64(1), "mptun announced its second uplink: %v", st.MIB)
 

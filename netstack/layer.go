@@ -163,6 +163,14 @@ type Layer struct {
 	lastMu  sync.Mutex
 	lastOut Tuple
 	lastE   *flowEntry
+
+	// raw queues a packet built by the layer (headers in the payload)
+	// behind what gVisor queued on the NIC: a control segment must not
+	// overtake data segments that AddHeader already counted in the flow's
+	// sndNxt, or its sequence number is ahead of the wire (Linux resets a
+	// join whose fourth ACK does that). Set by Stack.AddNIC; nil writes
+	// straight to the lower endpoint.
+	raw func(proto tcpip.NetworkProtocolNumber, b buffer.Buffer) tcpip.Error
 }
 
 // lookupOut is Mux.lookup through the lastOut cache.
@@ -754,6 +762,18 @@ func (m *Mux) sendControl(t Tuple, flags header.TCPFlags, opts []byte) error {
 // resets of flows gVisor never knew, and by sendControl).
 func (l *Layer) SendRaw(ipv6 bool, t Tuple, seq, ack uint32, flags header.TCPFlags, wnd uint16, opts []byte) error {
 	hdr := buildHeaders(ipv6, t, seq, ack, flags, wnd, opts, 0, 0, 64)
+	if l.raw != nil {
+		proto := header.IPv4ProtocolNumber
+		if ipv6 {
+			proto = header.IPv6ProtocolNumber
+		}
+		if err := l.raw(proto, buffer.MakeWithData(hdr)); err != nil {
+			l.mux.Stats.WriteErrors.Add(1)
+			return fmt.Errorf("netstack: send control segment on %v: %s", t, err)
+		}
+		l.mux.Stats.ControlSent.Add(1)
+		return nil
+	}
 	pkt := l.newPacket(ipv6, hdr, buffer.Buffer{})
 	defer pkt.DecRef()
 	var list stack.PacketBufferList

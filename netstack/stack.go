@@ -4,6 +4,7 @@ package netstack
 
 import (
 	"fmt"
+	"gvisor.dev/gvisor/pkg/buffer"
 	"net/netip"
 	"sync"
 
@@ -108,6 +109,9 @@ func (s *Stack) AddNIC(name string, link stack.LinkEndpoint, addrs ...netip.Pref
 	s.next++
 	s.mu.Unlock()
 	layer := NewLayer(link, s.Mux)
+	layer.raw = func(proto tcpip.NetworkProtocolNumber, b buffer.Buffer) tcpip.Error {
+		return s.S.WriteRawPacket(id, proto, b)
+	}
 	if err := s.S.CreateNICWithOptions(id, layer, stack.NICOptions{
 		Name:  name,
 		QDisc: fifo.New(layer, 1, s.opts.QueueLen),

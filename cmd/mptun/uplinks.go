@@ -89,7 +89,11 @@ func startEngine(ctx context.Context, mode hostnet.Mode, cf *commonFlags, port u
 	e.st = st
 	var locals, announce []mptcpep.Local
 	for i, u := range host.Uplinks {
-		tep, err := tun.NewEndpoint(u.TUN, tun.Options{Logger: log})
+		// GRO merges only segments whose TCP options are identical, so a
+		// merged segment carries one DSS mapping that covers all of it: the
+		// option layer loses nothing, and gVisor handles (and acknowledges)
+		// a kernel TSO burst once instead of per segment.
+		tep, err := tun.NewEndpoint(u.TUN, tun.Options{GRO: true, Logger: log})
 		if err != nil {
 			e.Close()
 			return nil, fmt.Errorf("uplink %s: %w", u.Spec.Iface, err)

@@ -53,6 +53,7 @@ type Conn struct {
 	// sequence space (an infinite mapping).
 	infinite   bool
 	shutWrSent bool
+	fail       failState // MP_FAIL and infinite mapping (mpfail.go)
 
 	snd          *sendBuffer
 	sndNxt       uint64
@@ -248,17 +249,29 @@ func (c *Conn) deliver(sf *subflow, b []byte) {
 	mib := &c.e.MIB
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if sf.readerDone {
+		return // reset after a checksum failure: nothing more from it
+	}
 	sf.bytesRx += uint64(len(b))
 	c.stats.bytesReceived += uint64(len(b))
 	for len(b) > 0 {
 		dsn, n, ok := sf.rx.Lookup(sf.readSSN)
+		if c.infinite && c.fail.rxBaseSet && !ssnLT(sf.readSSN, c.fail.rxBaseSSN) {
+			// Beyond the peer's infinite mapping: plain TCP.
+			dsn, n, ok = c.infiniteRxDSN(sf.readSSN), len(b), true
+		}
 		if !ok {
-			mib.DSSNoMapping.Add(1)
-			if c.infinite || (sf.initial && !c.peerConfirmed && len(c.subflows) == 1) {
-				// A peer that never sent a DSS fell back to TCP (RFC 8684
-				// 3.7): the stream continues at the DSN the subflow
-				// offset implies.
-				dsn, n = c.remoteIDSN+uint64(sf.readSSN), len(b)
+			if !c.infinite {
+				mib.DSSNoMapping.Add(1)
+			}
+			if c.infinite || c.fail.sent || (sf.initial && !c.peerConfirmed && len(c.subflows) == 1) {
+				// A peer that sends no DSS fell back to TCP (RFC 8684
+				// 3.7): the stream continues where it stands.
+				if !c.infinite && c.fail.sent {
+					c.fail.answered = true
+					c.enterInfiniteLocked(sf)
+				}
+				dsn, n = c.infiniteRxDSN(sf.readSSN), len(b)
 			} else {
 				// Data we cannot place: drop it; the peer reinjects it
 				// when the DATA_ACK does not cover it.
@@ -268,19 +281,20 @@ func (c *Conn) deliver(sf *subflow, b []byte) {
 			}
 		}
 		k := min(n, len(b))
-		if m, ok := sf.rx.Find(sf.readSSN); ok && m.HasCsum && c.csum {
-			if !sf.checksumStep(m, b[:k]) {
-				mib.DSSChecksumFail.Add(1)
-				c.mpFailOutLocked(sf, m.DSN)
-			}
+		if c.infinite && len(sf.csumBuf) > 0 {
+			// Fell back while a mapping was being collected: TCP
+			// semantics, it goes as it is.
+			c.insertLocked(sf.csumMap.DSN, sf.csumBuf)
+			sf.csumMap, sf.csumBuf = rxMapping{}, sf.csumBuf[:0]
 		}
-		if _, err := c.rcv.Insert(dsn, b[:k]); err != nil {
-			switch {
-			case errors.Is(err, ErrBeyondWindow):
-				mib.WindowDropBytes.Add(uint64(k))
-			case errors.Is(err, ErrTooManySegments):
-				mib.OFOSegmentDrops.Add(1)
+		if m, ok := sf.rx.Find(sf.readSSN); ok && m.HasCsum && c.csum && !c.infinite && dsn == m.DSN+uint64(sf.readSSN-m.SSN) {
+			// A mapping with a checksum is placed only once all of it
+			// arrived and its checksum holds.
+			if !c.checksummedLocked(sf, m, b[:k]) {
+				return // the subflow was reset
 			}
+		} else {
+			c.insertLocked(dsn, b[:k])
 		}
 		sf.readSSN += uint32(k)
 		b = b[k:]
@@ -294,33 +308,56 @@ func (c *Conn) deliver(sf *subflow, b []byte) {
 	c.wakeLocked()
 }
 
-// checksumStep accumulates the DSS checksum of the mapping m over b and
-// reports false when the mapping is complete and its checksum is wrong.
-func (sf *subflow) checksumStep(m rxMapping, b []byte) bool {
-	if sf.csumMap.SSN != m.SSN || sf.csumMap.DSN != m.DSN || sf.csumMap.Len != m.Len {
+// insertLocked places b at dsn in the reassembly, counting drops.
+func (c *Conn) insertLocked(dsn uint64, b []byte) {
+	if _, err := c.rcv.Insert(dsn, b); err != nil {
+		switch {
+		case errors.Is(err, ErrBeyondWindow):
+			c.e.MIB.WindowDropBytes.Add(uint64(len(b)))
+		case errors.Is(err, ErrTooManySegments):
+			c.e.MIB.OFOSegmentDrops.Add(1)
+		}
+	}
+}
+
+// checksummedLocked collects the bytes b of mapping m (they start at
+// sf.readSSN) until the mapping is complete, then checks its DSS checksum
+// and places it. It returns false when a checksum failure reset the
+// subflow.
+func (c *Conn) checksummedLocked(sf *subflow, m rxMapping, b []byte) bool {
+	if sf.csumMap != m || int(sf.readSSN-m.SSN) != len(sf.csumBuf) {
+		if sf.readSSN != m.SSN {
+			// The start of the mapping was read under another one (a
+			// conflicting mapping was dropped): nothing to check.
+			c.insertLocked(m.DSN+uint64(sf.readSSN-m.SSN), b)
+			return true
+		}
 		sf.csumMap = m
-		sf.csumSum = 0
-		sf.csumOff = 0
+		sf.csumBuf = sf.csumBuf[:0]
 	}
-	s := uint32(checksum.Checksum(b, 0))
-	if sf.csumOff%2 == 1 {
-		s = uint32(uint16(s)>>8 | uint16(s)<<8)
-	}
-	sf.csumSum += s
-	sf.csumOff += len(b)
-	if sf.csumOff < m.Len {
+	sf.csumBuf = append(sf.csumBuf, b...)
+	if len(sf.csumBuf) < m.Len {
 		return true
 	}
-	for sf.csumSum > 0xffff {
-		sf.csumSum = sf.csumSum&0xffff + sf.csumSum>>16
-	}
+	data := sf.csumBuf
+	sf.csumMap, sf.csumBuf = rxMapping{}, data[:0]
 	l := uint16(m.Len)
 	if m.DataFin {
 		l++
 	}
-	ok := header.DSSChecksum(m.DSN, m.SSN, l, uint16(sf.csumSum)) == m.Checksum
-	sf.csumMap = rxMapping{}
-	return ok
+	if header.DSSChecksum(m.DSN, m.SSN, l, checksum.Checksum(data, 0)) == m.Checksum {
+		c.insertLocked(m.DSN, data)
+		return true
+	}
+	c.e.MIB.DSSChecksumFail.Add(1)
+	c.e.log.Warn("mptcp: DSS checksum failure", "subflow", sf.tuple.String(), "dsn", m.DSN, "ssn", m.SSN, "len", m.Len)
+	if c.mpFailOutLocked(sf, m.DSN) {
+		// Falling back to TCP: the infinite mapping acts retroactively,
+		// the bytes count as TCP delivered them (RFC 8684 3.7).
+		c.insertLocked(m.DSN, data)
+		return true
+	}
+	return false
 }
 
 // dssInLocked processes an incoming DSS option.
@@ -350,6 +387,10 @@ func (c *Conn) dssInLocked(sf *subflow, seg *netstack.Segment, d *header.DSS) {
 		dsn = expandDSN32(uint32(dsn), c.rcv.RcvNxt())
 	}
 	n := int(d.DataLen)
+	if n == 0 && !d.DataFin {
+		c.infiniteMapInLocked(sf, seg, dsn, d.SSN)
+		return
+	}
 	if d.DataFin {
 		mib.DataFinRX.Add(1)
 		if n == 0 {
@@ -538,6 +579,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 			return n, nil
 		}
 		if c.rcv.EOF() {
+			c.kickLocked() // the run goroutine finishes the connection
 			return 0, io.EOF
 		}
 		if c.err != nil {
@@ -848,21 +890,15 @@ func (c *Conn) fallBackLocked(sf *subflow) bool {
 		return false
 	}
 	c.e.MIB.MPCapableFallbackData.Add(1)
-	c.e.MIB.FallbackConns.Add(1)
-	c.fallback = true
-	c.infinite = true
-	c.reinjectQ = nil
 	c.e.log.Info("mptcp: peer fell back to TCP", "subflow", sf.tuple.String())
-	c.kickLocked()
-	c.pmKick()
-	c.wakeLocked()
+	c.enterInfiniteLocked(sf)
 	return true
 }
 
 // infiniteAckLocked turns the subflow ACK into the DATA_ACK after a
-// fallback: the subflow's byte n is the connection's byte n.
+// fallback: the subflow's bytes map linearly onto the connection's.
 func (c *Conn) infiniteAckLocked(sf *subflow, seg *netstack.Segment) {
-	if !seg.ACK() || !sf.issKnown || sf.initial == false {
+	if !seg.ACK() || !sf.issKnown || sf.state == sfClosed {
 		return
 	}
 	rel := seg.Ack - sf.iss
@@ -871,7 +907,7 @@ func (c *Conn) infiniteAckLocked(sf *subflow, seg *netstack.Segment) {
 		sf.tx.Ack(rel)
 		sf.lastAckMove = time.Now()
 	}
-	ack := c.localIDSN + uint64(rel)
+	ack := c.infiniteTxDSN(rel)
 	if end := c.snd.End(); dsnLT(end, ack) {
 		ack = end // the subflow FIN
 	}

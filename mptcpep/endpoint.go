@@ -68,6 +68,11 @@ type Endpoint struct {
 	locals   []Local
 	announce []Local
 	conns    map[*Conn]struct{}
+
+	// mpFailTimeout bounds the wait for an answer to our MP_FAIL;
+	// ignoreMPFail makes the endpoint ignore the peer's MP_FAIL (tests).
+	mpFailTimeout time.Duration
+	ignoreMPFail  bool
 }
 
 // New returns an Endpoint on st.
@@ -93,7 +98,8 @@ func New(st *netstack.Stack, cfg Config) *Endpoint {
 	if cfg.MaxPendingSYNs == 0 {
 		cfg.MaxPendingSYNs = 1024
 	}
-	return &Endpoint{st: st, cfg: cfg, log: cfg.Logger, tokens: make(map[uint32]*Conn), conns: make(map[*Conn]struct{})}
+	return &Endpoint{st: st, cfg: cfg, log: cfg.Logger, tokens: make(map[uint32]*Conn), conns: make(map[*Conn]struct{}),
+		mpFailTimeout: defaultMPFailTimeout}
 }
 
 // Stack returns the netstack the endpoint runs on.

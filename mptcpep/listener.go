@@ -133,7 +133,7 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 				live++
 			}
 		}
-		if live >= e.cfg.MaxSubflows || !c.remoteKeyKnown || c.fallback {
+		if live >= e.cfg.MaxSubflows || !c.remoteKeyKnown || c.fallback || c.fail.pending() {
 			c.mu.Unlock()
 			e.MIB.MPJoinRejected.Add(1)
 			l.refuse(seg)

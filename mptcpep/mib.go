@@ -55,6 +55,9 @@ type MIB struct {
 	MPPrioTX              atomic.Uint64
 	MPFailRX              atomic.Uint64
 	MPFailTX              atomic.Uint64
+	MPFailTimeout         atomic.Uint64 // no answer to our MP_FAIL: connection reset
+	InfiniteMapTX         atomic.Uint64 // infinite mapping sent (fell back after the peer's MP_FAIL)
+	InfiniteMapRX         atomic.Uint64 // infinite mapping received
 	MPFastcloseRX         atomic.Uint64
 	MPFastcloseTX         atomic.Uint64
 	MPRstRX               atomic.Uint64

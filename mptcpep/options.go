@@ -142,6 +142,12 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 		}
 		return 0, 0
 	}
+	if c.fail.txInf && !seg.SYN() && seg.PayloadLen > 0 && sf.issKnown {
+		// The infinite mapping we owe after the peer's MP_FAIL.
+		if n, cover, ok := sf.infiniteMapOutLocked(seg, seg.Seq-sf.iss, opt); ok {
+			return n, cover
+		}
+	}
 	if c.fallback {
 		return 0, 0
 	}
@@ -264,9 +270,18 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 		}
 	}
 	if seg.RST() {
+		if r.hasFail && !c.infinite {
+			// Linux resets a subflow with MP_FAIL on the RST when
+			// another subflow carries on.
+			mib.MPFailRX.Add(1)
+			c.mpFailInLocked(sf, r.fail.DSN)
+		}
 		return true
 	}
 	if c.infinite {
+		if r.hasFail {
+			mib.MPFailRX.Add(1) // an echo behind the infinite mapping
+		}
 		c.infiniteAckLocked(sf, seg)
 		return true
 	}

@@ -56,7 +56,7 @@ func (c *Conn) pathManager() {
 		now := time.Now()
 		locals := c.e.localList()
 		c.mu.Lock()
-		if c.isDone() || c.writeClosed && c.finAcked || c.fallback {
+		if c.isDone() || c.writeClosed && c.finAcked || c.fallback || c.fail.pending() {
 			c.mu.Unlock()
 			return
 		}
@@ -289,38 +289,6 @@ func (c *Conn) SetBackup(id uint8, backup bool) {
 				c.e.MIB.MPPrioTX.Add(1)
 			}
 		})
-	}
-	c.kickLocked()
-}
-
-// mpFailInLocked handles MP_FAIL: the peer found a checksum error at dsn.
-// The subflow that carried it is reset by the peer; the data is reinjected.
-func (c *Conn) mpFailInLocked(sf *subflow, dsn uint64) {
-	c.e.log.Warn("mptcp: peer reported a checksum failure", "subflow", sf.tuple.String(), "dsn", dsn)
-	c.reinjectLocked(sf)
-	c.kickLocked()
-}
-
-// mpFailOutLocked reacts to a DSS checksum failure on sf: MP_FAIL tells
-// the peer, and the subflow is reset (its data comes again on others).
-func (c *Conn) mpFailOutLocked(sf *subflow, dsn uint64) {
-	c.e.MIB.MPFailTX.Add(1)
-	b := make([]byte, header.MPFailLen)
-	header.MPFail{DSN: dsn}.Encode(b)
-	t := sf.tuple
-	ep := sf.ep
-	live := 0
-	for _, s := range c.subflows {
-		if s.state == sfEstablished {
-			live++
-		}
-	}
-	c.actions = append(c.actions, func() { _ = c.e.st.Mux.SendACK(t, b) })
-	if live > 1 {
-		sf.state = sfClosed
-		sf.err = errString("mptcp: DSS checksum failure")
-		c.e.st.Mux.Unregister(t)
-		c.actions = append(c.actions, func() { ep.Abort() })
 	}
 	c.kickLocked()
 }

@@ -379,6 +379,12 @@ func (c *Conn) control() time.Time {
 			at(c.mpcAckAt.Add(rto << c.mpcAckTries))
 		}
 	}
+	// Our MP_FAIL is repeated until answered, and times out.
+	at(c.mpFailTimerLocked(now, rto))
+	if c.isDone() {
+		c.mu.Unlock()
+		return time.Time{}
+	}
 	// A DATA_ACK that moved after gVisor's last ACK goes out on its own.
 	if !c.ackDueAt.IsZero() {
 		if !now.Before(c.ackDueAt) {

@@ -63,9 +63,8 @@ type subflow struct {
 	lastAckMove   time.Time
 	stale         bool
 	readSSN       uint32 // SSN of the next byte read from ep
-	csumSum       uint32 // running sum of the current rx mapping (DSS checksum)
 	csumMap       rxMapping
-	csumOff       int
+	csumBuf       []byte // bytes of csumMap so far, until its DSS checksum is checked
 	info          sfInfo
 	bytesTx       uint64
 	bytesRx       uint64

@@ -203,8 +203,8 @@ var mpiEngineBadCounters = []string{
 	"MPCapableFallbackSYN", "MPCapableFallbackACK", "MPCapableBadKey",
 	"MPJoinSYNACKHMACFail", "MPJoinACKHMACFail", "MPJoinNoTokenFound",
 	"DSSMappingConflict", "DSSNoMapping", "DSSNoMappingTX", "DSSChecksumFail", "DataAckInvalid",
-	"AddAddrHMACFail", "MPFailRX", "MPFailTX", "OptionMalformed", "FallbackConns", "TokenCollisions",
-	"MPRstRX",
+	"AddAddrHMACFail", "MPFailRX", "MPFailTX", "MPFailTimeout", "InfiniteMapTX", "InfiniteMapRX",
+	"OptionMalformed", "FallbackConns", "TokenCollisions", "MPRstRX",
 }
 
 // mpiDelta is after-before for every counter in after.

@@ -1,7 +1,7 @@
 package mptcpep
 
 import (
-	"bytes"
+	"io"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -19,10 +19,10 @@ const maxChunk = maxMappingLen // one chunk is one mapping, so its checksum is e
 func (c *Conn) run() {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	scratch := make([]byte, maxChunk)
+	var rd chunkReader
 	for {
 		c.runActions()
-		c.push(scratch)
+		c.push(&rd)
 		next := c.control()
 		c.runActions()
 		d := time.Hour
@@ -87,8 +87,8 @@ func (c *Conn) closeSubflows() {
 }
 
 // push hands connection data to subflows until nothing is left or no
-// subflow has room.
-func (c *Conn) push(scratch []byte) {
+// subflow has room. rd is reused for every chunk.
+func (c *Conn) push(rd *chunkReader) {
 	for iter := 0; iter < 512; iter++ {
 		c.mu.Lock()
 		if (c.fallback && !c.infinite) || c.isDone() || !c.hasPendingData() {
@@ -131,16 +131,18 @@ func (c *Conn) push(scratch []byte) {
 			}
 			n = min(n, allowance)
 		}
-		n = min(n, len(scratch))
-		buf := scratch[:0]
-		for len(buf) < n {
-			p := c.snd.Peek(dsn+uint64(len(buf)), n-len(buf))
+		n = min(n, maxChunk)
+		// The chunk goes to gVisor straight from the send buffer's blocks,
+		// pinned so that a DATA_ACK arriving meanwhile cannot recycle them.
+		rd.reset()
+		for rd.Len() < n && len(rd.parts) < cap(rd.parts) {
+			p := c.snd.Peek(dsn+uint64(rd.Len()), n-rd.Len())
 			if len(p) == 0 {
 				break
 			}
-			buf = append(buf, p...)
+			rd.add(p)
 		}
-		n = len(buf)
+		n = rd.Len()
 		if n == 0 {
 			c.mu.Unlock()
 			return
@@ -152,7 +154,7 @@ func (c *Conn) push(scratch []byte) {
 		} else {
 			var sum uint16
 			if c.csum {
-				sum = checksum.Checksum(buf, 0)
+				sum = rd.sum(n)
 			}
 			if err := sf.tx.AddSum(sf.wrote, dsn, n, sum); err != nil {
 				c.mu.Unlock()
@@ -179,10 +181,12 @@ func (c *Conn) push(scratch []byte) {
 			sf.lastAckMove = time.Now()
 		}
 		ep := sf.ep
+		c.snd.Pin()
 		c.mu.Unlock()
 
-		m, err := ep.Write(bytes.NewReader(buf), tcpip.WriteOptions{})
+		m, err := ep.Write(rd, tcpip.WriteOptions{})
 		c.mu.Lock()
+		c.snd.Unpin()
 		sf.bytesTx += uint64(m)
 		if int(m) < n {
 			// gVisor took less than the scheduler expected. Its segments
@@ -218,6 +222,67 @@ func (c *Conn) owedLocked(live []*subflow) (*subflow, uint64, int, bool) {
 		}
 	}
 	return nil, 0, 0, false
+}
+
+// chunkReader is a tcpip.Payloader over the send-buffer slices of one
+// chunk (at most maxChunk bytes, so at most two blocks; three parts leave
+// slack for an unaligned start).
+type chunkReader struct {
+	parts [][]byte
+	store [3][]byte
+	off   int // bytes already read
+	n     int // total bytes
+}
+
+func (r *chunkReader) reset() {
+	clear(r.store[:])
+	r.parts = r.store[:0]
+	r.off, r.n = 0, 0
+}
+
+func (r *chunkReader) add(p []byte) {
+	r.parts = append(r.parts, p)
+	r.n += len(p)
+}
+
+// Len implements tcpip.Payloader: the bytes not read yet.
+func (r *chunkReader) Len() int { return r.n - r.off }
+
+// Read implements io.Reader.
+func (r *chunkReader) Read(b []byte) (int, error) {
+	if r.off >= r.n {
+		return 0, io.EOF
+	}
+	done := 0
+	skip := r.off
+	for _, p := range r.parts {
+		if skip >= len(p) {
+			skip -= len(p)
+			continue
+		}
+		k := copy(b[done:], p[skip:])
+		done += k
+		skip = 0
+		if done == len(b) {
+			break
+		}
+	}
+	r.off += done
+	return done, nil
+}
+
+// sum is the ones'-complement sum of the chunk's first n bytes.
+func (r *chunkReader) sum(n int) uint16 {
+	var cs checksum.Checksumer
+	for _, p := range r.parts {
+		if n <= 0 {
+			break
+		}
+		k := min(n, len(p))
+		cs.Add(p[:k])
+		n -= k
+	}
+	return cs.Checksum()
 }
 
 // nextChunkLocked picks what to send next: reinjections first, then new

@@ -36,6 +36,7 @@ type sendBuffer struct {
 	blocks   [][]byte   // each len sendBlockSize; the last one may be partly used
 	spare    [][]byte   // freed blocks kept for reuse, at most sendSpareBlocks
 	pool     *sync.Pool // shared by an Endpoint's connections, when set
+	pins     int        // while > 0, Ack keeps freed blocks (see Pin)
 }
 
 // newSendBuffer returns an empty buffer whose first byte will carry DSN isn
@@ -79,6 +80,27 @@ func (b *sendBuffer) Write(p []byte) int {
 	}
 	return n
 }
+
+// Tail returns free space right after the stored bytes (the rest of the
+// last block, or a new one), at most Free() bytes, for a caller that
+// fills it in place and then calls Commit. Nothing else may append in
+// between, and the buffer must stay pinned (Pin) while the slice is
+// filled without the owner's lock.
+func (b *sendBuffer) Tail() []byte {
+	free := b.Free()
+	if free == 0 {
+		return nil
+	}
+	used := (b.head + b.length) % sendBlockSize
+	if used == 0 && b.tailFull() {
+		b.blocks = append(b.blocks, b.newBlock())
+	}
+	last := b.blocks[len(b.blocks)-1]
+	return last[used:min(sendBlockSize, used+free)]
+}
+
+// Commit appends the first n bytes of the slice Tail returned.
+func (b *sendBuffer) Commit(n int) { b.length += n }
 
 // tailFull reports whether the stored bytes end exactly at the end of the
 // last block (or there is no block), so the next byte needs a new block.
@@ -124,6 +146,27 @@ func (b *sendBuffer) Ack(dsn uint64) (int, error) {
 	b.una = dsn
 	b.length -= n
 	b.head += n
+	if b.pins == 0 {
+		b.release()
+	}
+	return n, nil
+}
+
+// Pin keeps every block in place, even when Ack frees its bytes, until the
+// matching Unpin: slices from Peek stay intact, so they can be handed to
+// gVisor without the connection lock and without a copy.
+func (b *sendBuffer) Pin() { b.pins++ }
+
+// Unpin ends a Pin and frees the blocks acked meanwhile.
+func (b *sendBuffer) Unpin() {
+	b.pins--
+	if b.pins == 0 {
+		b.release()
+	}
+}
+
+// release frees the blocks entirely behind head.
+func (b *sendBuffer) release() {
 	// Drop whole blocks now behind head; the block holding the tail stays
 	// (Write appends to it) unless everything was acked.
 	drop := b.head / sendBlockSize
@@ -146,7 +189,6 @@ func (b *sendBuffer) Ack(dsn uint64) (int, error) {
 			b.head -= drop * sendBlockSize
 		}
 	}
-	return n, nil
 }
 
 // Peek returns up to maxLen stored bytes starting at dsn, without copying.

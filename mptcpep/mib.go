@@ -33,6 +33,7 @@ type MIB struct {
 	DSSNoMapping          atomic.Uint64 // data without a mapping
 	DSSNoMappingTX        atomic.Uint64 // a segment gVisor sent holds bytes without a mapping
 	SubflowShortWrites    atomic.Uint64 // gVisor took part of a chunk: the rest is owed to that subflow
+	PeerWindowFull        atomic.Uint64 // data waiting, but the peer's connection-level window is full
 	RetransAckedTX        atomic.Uint64 // gVisor resent bytes the peer had already acknowledged
 	DSSChecksumFail       atomic.Uint64
 	DataAckRX             atomic.Uint64

@@ -317,6 +317,7 @@ func (c *Conn) nextChunkLocked() (dsn uint64, n int, reinj, ok bool) {
 	n = int(min(end-c.sndNxt, maxChunk))
 	if w := dsnDiff(c.sndEdge, c.sndNxt); w < int64(n) {
 		if w <= 0 {
+			c.e.MIB.PeerWindowFull.Add(1)
 			return 0, 0, false, false
 		}
 		n = int(w)

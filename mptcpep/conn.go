@@ -57,7 +57,11 @@ type Conn struct {
 	// sequence space (an infinite mapping).
 	infinite   bool
 	shutWrSent bool
-	fail       failState // MP_FAIL and infinite mapping (mpfail.go)
+	// finSSN is the subflow sequence number (relative) of our TCP FIN
+	// after a fallback, where the FIN is the DATA_FIN: it is acknowledged
+	// once the subflow ACK passes it, not when the data is.
+	finSSN uint32
+	fail   failState // MP_FAIL and infinite mapping (mpfail.go)
 
 	snd          *sendBuffer
 	sndNxt       uint64
@@ -977,11 +981,19 @@ func (c *Conn) infiniteAckLocked(sf *subflow, seg *netstack.Segment) {
 	if edge := ack + uint64(seg.Window)<<sf.peerWScale; dsnLT(c.sndEdge, edge) {
 		c.sndEdge = edge
 	}
-	if c.writeClosed && c.shutWrSent && c.snd.Una() == c.snd.End() && !c.finAcked {
+	if c.infiniteFinAckedLocked(sf) && !c.finAcked {
 		c.finAcked = true
 		c.wakeLocked()
 	}
 	c.kickLocked()
+}
+
+// infiniteFinAckedLocked reports whether the peer acknowledged our TCP FIN
+// on sf after a fallback: all data and the FIN itself (an ACK of the data
+// alone does not end the connection; were the FIN lost, nobody would send
+// it again once we are gone).
+func (c *Conn) infiniteFinAckedLocked(sf *subflow) bool {
+	return c.writeClosed && c.shutWrSent && c.snd.Una() == c.snd.End() && ssnLT(c.finSSN, sf.acked)
 }
 
 // peerFinInfinite handles the peer's TCP FIN after a fallback: it is the

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	tcpheader "gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -283,4 +285,128 @@ func TestMPFailUnanswered(t *testing.T) {
 		require.Zero(t, e.MIB.InfiniteMapRX.Load())
 		require.Zero(t, e.MIB.FallbackConns.Load())
 	}
+}
+
+// finGate is a middlebox in front of a NIC that, while hold is set, drops
+// every segment the NIC receives that acknowledges the FIN the NIC sent:
+// the peer's ACK of our FIN never arrives.
+type finGate struct {
+	stack.LinkEndpoint
+	hold    atomic.Bool
+	finEnd  atomic.Uint64 // 1<<32 | sequence number after our FIN (0: no FIN yet)
+	dropped atomic.Uint64
+}
+
+func (g *finGate) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	for _, pkt := range pkts.AsSlice() {
+		v := pkt.ToView()
+		b := v.AsSlice()
+		if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 {
+			if tcp, _ := tcpOf(b); tcp != nil && tcp[13]&uint8(tcpheader.TCPFlagFin) != 0 {
+				payload := int(binary.BigEndian.Uint16(b[2:4])) - int(b[0]&0xf)*4 - int(tcp[12]>>4)*4
+				end := binary.BigEndian.Uint32(tcp[4:8]) + uint32(payload) + 1
+				g.finEnd.Store(1<<32 | uint64(end))
+			}
+		}
+		v.Release()
+	}
+	return g.LinkEndpoint.WritePackets(pkts)
+}
+
+func (g *finGate) Attach(d stack.NetworkDispatcher) {
+	if d == nil {
+		g.LinkEndpoint.Attach(nil)
+		return
+	}
+	g.LinkEndpoint.Attach(&finGateDispatcher{d: d, g: g})
+}
+
+type finGateDispatcher struct {
+	d stack.NetworkDispatcher
+	g *finGate
+}
+
+func (fd *finGateDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if fe := fd.g.finEnd.Load(); fe != 0 && fd.g.hold.Load() {
+		v := pkt.ToView()
+		b := v.AsSlice()
+		drop := false
+		if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 {
+			if tcp, _ := tcpOf(b); tcp != nil && tcp[13]&uint8(tcpheader.TCPFlagAck) != 0 {
+				drop = int32(binary.BigEndian.Uint32(tcp[8:12])-uint32(fe)) >= 0
+			}
+		}
+		v.Release()
+		if drop {
+			fd.g.dropped.Add(1)
+			return
+		}
+	}
+	fd.d.DeliverNetworkPacket(proto, pkt)
+}
+
+func (fd *finGateDispatcher) DeliverLinkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	fd.d.DeliverLinkPacket(proto, pkt)
+}
+
+// TestMPFailFinAcked: after the fallback the TCP FIN is the DATA_FIN, so
+// the connection is finished only once the peer acknowledged the FIN, not
+// when it acknowledged the data. The peer's own DATA_FIN came before the
+// fallback (Linux as receiver did that in the interop test: its half
+// close went out as a DSS DATA_FIN, then it found the checksum failure).
+// An earlier version finished as soon as the data was acknowledged and
+// the FIN handed to gVisor: mptun exited, and the peer's ACK of the FIN
+// drew an RST from the host, which reached Linux before its application
+// had read the EOF (EPIPE instead of EOF).
+func TestMPFailFinAcked(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cor := &corrupter{after: 1 << 20}
+	gate := &finGate{}
+	gate.hold.Store(true)
+	w := newWorldOpts(t, worldOpts{
+		paths: []pathSpec{{delay: time.Millisecond, rateBps: 200_000_000}},
+		ccfg:  Config{Checksum: true}, scfg: Config{Checksum: true},
+		wrapServer: func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint { return newMangleLink(ep, cor.mangle) },
+		wrapClient: func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
+			gate.LinkEndpoint = ep
+			return gate
+		},
+	})
+	cc, sc := dialAccept(t, ctx, w, 93)
+	require.NoError(t, sc.CloseWrite()) // the server's DATA_FIN, before the fallback
+	gotUp := readAllCtx(sc)
+	up := randomData(4<<20, 81)
+	_, err := cc.Write(up)
+	require.NoError(t, err)
+	// The FIN goes alone once all data is acknowledged (as mptun's did
+	// against Linux), so an ACK of the data alone can tell "finished".
+	require.Eventually(t, func() bool { return cc.Stats().SendBuffered == 0 }, 20*time.Second, time.Millisecond,
+		"data acknowledged: %s", summary(cc))
+	require.Zero(t, gate.finEnd.Load(), "no FIN before CloseWrite")
+	require.NoError(t, cc.CloseWrite())
+	select {
+	case b := <-gotUp:
+		require.NoError(t, oneByteFlipped(b, up))
+	case <-ctx.Done():
+		t.Fatalf("server did not read to EOF: %s\nclient %s\nserver %s", summary(sc), mibString(&w.client.MIB), mibString(&w.server.MIB))
+	}
+	require.True(t, cor.done.Load())
+	require.EqualValues(t, 1, w.client.MIB.InfiniteMapTX.Load())
+	require.EqualValues(t, 1, w.server.MIB.InfiniteMapRX.Load())
+	// The server read the FIN; its ACKs of it are dropped.
+	select {
+	case <-cc.Done():
+		t.Fatalf("the client finished with its FIN unacknowledged: %s", summary(cc))
+	case <-time.After(500 * time.Millisecond):
+	}
+	require.Positive(t, gate.dropped.Load(), "the server acknowledged the FIN (dropped)")
+	require.False(t, cc.Stats().DataFinAcked)
+	gate.hold.Store(false) // gVisor retransmits the FIN; its ACK passes now
+	select {
+	case <-cc.Done():
+	case <-ctx.Done():
+		t.Fatalf("the client did not finish once its FIN was acknowledged: %s", summary(cc))
+	}
+	require.True(t, cc.Stats().DataFinAcked)
 }

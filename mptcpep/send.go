@@ -373,10 +373,12 @@ func (c *Conn) control() time.Time {
 		// Plain TCP now: the subflow FIN is the DATA_FIN.
 		if c.writeClosed && !c.shutWrSent && c.sndNxt == c.snd.End() && len(c.subflows) > 0 {
 			c.shutWrSent = true
-			ep := c.subflows[0].ep
+			sf := c.subflows[0]
+			c.finSSN = sf.wrote // the FIN follows the last byte
+			ep := sf.ep
 			c.actions = append(c.actions, func() { ep.Shutdown(tcpip.ShutdownWrite) })
 		}
-		if c.writeClosed && c.shutWrSent && c.snd.Una() == c.snd.End() {
+		if len(c.subflows) > 0 && c.infiniteFinAckedLocked(c.subflows[0]) {
 			c.finAcked = true
 		}
 		if c.finAcked && c.rcv.EOF() {

@@ -479,6 +479,16 @@ func mpiExitError(err error) (*exec.ExitError, bool) {
 // returned channel.
 func mpiKernelServer(ctx context.Context, t *testing.T, ns string, mptcp bool, seed uint64, size int64, deadline time.Duration) <-chan mpiPeerResult {
 	t.Helper()
+	return mpiKernelServerFunc(ctx, t, ns, mptcp, deadline, func(c *net.TCPConn) mpiPeerResult {
+		return mpiExchange(c, seed, size)
+	})
+}
+
+// mpiKernelServerFunc is mpiKernelServer running exchange on the accepted
+// connection.
+func mpiKernelServerFunc(ctx context.Context, t *testing.T, ns string, mptcp bool, deadline time.Duration,
+	exchange func(*net.TCPConn) mpiPeerResult) <-chan mpiPeerResult {
+	t.Helper()
 	var ln net.Listener
 	require.NoError(t, kcInNetns(ns, func() error {
 		var lc net.ListenConfig
@@ -498,7 +508,7 @@ func mpiKernelServer(ctx context.Context, t *testing.T, ns string, mptcp bool, s
 		}
 		defer c.Close()
 		_ = c.SetDeadline(time.Now().Add(deadline))
-		res <- mpiExchange(c.(*net.TCPConn), seed, size)
+		res <- exchange(c.(*net.TCPConn))
 	}()
 	return res
 }
@@ -512,5 +522,35 @@ func mpiPeerWait(t *testing.T, ch <-chan mpiPeerResult) mpiPeerResult {
 	case <-time.After(10 * time.Second):
 		require.FailNow(t, "kernel peer did not finish after mptun exited")
 		return mpiPeerResult{}
+	}
+}
+
+// mpiDialListen dials dst from namespace ns with a kernel MPTCP socket
+// until the mptun listen process p accepts, and returns the connection
+// (closed at cleanup) and the MPTcpExt counters of ns taken just before
+// the attempt that succeeded, so deltas count that connection only.
+func mpiDialListen(ctx context.Context, t *testing.T, ns, dst string, p *mpiProc) (net.Conn, map[string]uint64) {
+	t.Helper()
+	for {
+		before := mpiNetstat(t, ns)
+		var conn net.Conn
+		err := kcInNetns(ns, func() error {
+			d := net.Dialer{Timeout: 2 * time.Second}
+			d.SetMultipathTCP(true)
+			var err error
+			conn, err = d.DialContext(ctx, "tcp4", dst)
+			return err
+		})
+		if err == nil {
+			t.Cleanup(func() { conn.Close() })
+			return conn, before
+		}
+		select {
+		case <-p.done:
+			require.FailNow(t, "mptun listen exited before accepting", "%v; stderr:\n%s", p.err, p.stderr)
+		case <-ctx.Done():
+			require.FailNow(t, "mptun listen never accepted", "last dial error %v; stderr:\n%s", err, p.stderr)
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 }

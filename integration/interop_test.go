@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -34,12 +35,29 @@ type mpiPeerResult struct {
 	recvSHA  string
 	received int64
 	sentSHA  string
-	err      error
+	// recv is everything received, kept only by mpiExchangeKeep.
+	recv []byte
+	err  error
 }
 
 // mpiExchange sends size bytes of mpiData(seed) on conn (then half-closes)
 // while reading everything conn delivers; it returns when both are done.
 func mpiExchange(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
+	return mpiExchangeTo(conn, seed, size, nil)
+}
+
+// mpiExchangeKeep is mpiExchange that also keeps the received bytes (in
+// recv): for small transfers whose content is checked byte by byte.
+func mpiExchangeKeep(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
+	var buf bytes.Buffer
+	r := mpiExchangeTo(conn, seed, size, &buf)
+	r.recv = buf.Bytes()
+	return r
+}
+
+// mpiExchangeTo is mpiExchange copying the received bytes to keep as well
+// (nil: hash only).
+func mpiExchangeTo(conn *net.TCPConn, seed uint64, size int64, keep io.Writer) mpiPeerResult {
 	var r mpiPeerResult
 	mp, err := conn.MultipathTCP()
 	if err != nil {
@@ -57,7 +75,11 @@ func mpiExchange(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
 		sendErr <- err
 	}()
 	recv := sha256.New()
-	n, rerr := io.Copy(recv, conn)
+	var dst io.Writer = recv
+	if keep != nil {
+		dst = io.MultiWriter(recv, keep)
+	}
+	n, rerr := io.Copy(dst, conn)
 	serr := <-sendErr
 	r.received, r.recvSHA, r.sentSHA = n, mpiHex(recv), mpiHex(sent)
 	if rerr != nil {
@@ -164,32 +186,8 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	p := mpiStart(ctx, t, tp.srv, downPath, upPath, "listen", "--uplink", "srv0", "--uplink", "srv1", "--once", "--stats",
 		":"+strconv.Itoa(mpiPort))
 
-	// Dial until mptun listens; count kernel events from the attempt that
-	// succeeded only.
 	dst := net.JoinHostPort(mpiSrvAddr(0), strconv.Itoa(mpiPort))
-	var conn net.Conn
-	var before map[string]uint64
-	for {
-		before = mpiNetstat(t, tp.cli)
-		err := kcInNetns(tp.cli, func() error {
-			d := net.Dialer{Timeout: 2 * time.Second}
-			d.SetMultipathTCP(true)
-			var err error
-			conn, err = d.DialContext(ctx, "tcp4", dst)
-			return err
-		})
-		if err == nil {
-			break
-		}
-		select {
-		case <-p.done:
-			require.FailNow(t, "mptun listen exited before accepting", "%v; stderr:\n%s", p.err, p.stderr)
-		case <-ctx.Done():
-			require.FailNow(t, "mptun listen never accepted", "last dial error %v; stderr:\n%s", err, p.stderr)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	t.Cleanup(func() { conn.Close() })
+	conn, before := mpiDialListen(ctx, t, tp.cli, dst, p)
 	dialed := time.Since(start)
 	require.NoError(t, conn.SetDeadline(time.Now().Add(50*time.Second)))
 	stopSS := mpiWatchSS(tp.cli, dst)

@@ -12,7 +12,8 @@
 #   namespaces  mtc-* (integration kernel capture), mpi-* (integration
 #               interop), mbc-* (integration bonding), mtt-* (tun),
 #               mtl-* (lab, bench), mth-* (hostnet),
-#               mte-*, mtn-* (reserved: engine/netstack tests)
+#               mte-*, mtn-* (reserved: engine/netstack tests),
+#               moc-* (scripts/option-cost.sh)
 #   links       mtc*, mtt*, mtl*, mth*, mte*, mtn*, mpi*, mbc*, mpt* (hostnet
 #               TUNs <prefix><instance>u<N>, bond/client's mptun0, test veths)
 #   nftables    tables mptun_*, and rules commented mptun_* in other tables
@@ -26,7 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 0
 fi
 
-ns_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi|mbc)-'
+ns_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi|mbc|moc)-'
 link_re='^(mtc|mtt|mtl|mth|mte|mtn|mpi|mbc|mpt)'
 failed=0
 removed=0

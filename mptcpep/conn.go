@@ -252,6 +252,25 @@ func (c *Conn) startReader(sf *subflow) {
 	}()
 }
 
+// rxRoomLocked is how many bytes (at most limit) the reader of sf may take
+// from gVisor now: what fits in the connection's receive window at the DSN
+// its next byte carries. The peer sends by gVisor's window, which knows
+// nothing of ours, so reading more than fits would drop bytes gVisor has
+// already acknowledged (the peer resends them only at the MPTCP level,
+// after its own timeout); left in gVisor they close its window instead.
+func (c *Conn) rxRoomLocked(sf *subflow, limit int) int {
+	if c.readClosed {
+		return limit
+	}
+	if !c.infinite {
+		if dsn, n, ok := sf.rx.Lookup(sf.readSSN); ok {
+			room := dsnDiff(c.rcv.WindowEnd(), dsn)
+			return int(max(min(room, int64(n), int64(limit)), 0))
+		}
+	}
+	return min(limit, c.rcvWindow()-c.rcv.Buffered())
+}
+
 // deliver places bytes read from a subflow by the peer's mappings.
 func (c *Conn) deliver(sf *subflow, b []byte) {
 	mib := &c.e.MIB

@@ -121,6 +121,10 @@ func (r *reassembly) Readable() int { return int(r.rcvOff - r.readOff) }
 // window to advertise is Window()-Buffered().
 func (r *reassembly) Buffered() int { return r.Readable() + r.oooLen }
 
+// WindowEnd returns the DSN where the receive window ends: Insert drops
+// bytes at or beyond it.
+func (r *reassembly) WindowEnd() uint64 { return r.isn + r.readOff + uint64(r.window) }
+
 // Window returns the buffer limit given to newReassembly.
 func (r *reassembly) Window() int { return r.window }
 

@@ -160,7 +160,8 @@ func (sf *subflow) reader() {
 	for {
 		// Back-pressure: wait for room in the connection buffer.
 		c.mu.Lock()
-		for c.rcv.Buffered() >= c.rcvWindow() && !c.isDone() && !c.readClosed {
+		room := c.rxRoomLocked(sf, len(buf))
+		for room <= 0 && !c.isDone() {
 			w := c.waitCh()
 			c.mu.Unlock()
 			select {
@@ -168,13 +169,14 @@ func (sf *subflow) reader() {
 			case <-c.done:
 			}
 			c.mu.Lock()
+			room = c.rxRoomLocked(sf, len(buf))
 		}
 		done := c.isDone()
 		c.mu.Unlock()
 		if done {
 			return
 		}
-		w := writerTo{b: buf}
+		w := writerTo{b: buf[:room]}
 		res, err := sf.ep.Read(&w, tcpip.ReadOptions{})
 		if err != nil {
 			if _, ok := err.(*tcpip.ErrWouldBlock); ok {

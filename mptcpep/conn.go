@@ -57,6 +57,10 @@ type Conn struct {
 	// sequence space (an infinite mapping).
 	infinite   bool
 	shutWrSent bool
+	// rxWaiting: a subflow reader waits for receive-window room since
+	// the window ended at rxWaitEnd (see wakeReadersLocked).
+	rxWaiting bool
+	rxWaitEnd uint64
 	// finSSN is the subflow sequence number (relative) of our TCP FIN
 	// after a fallback, where the FIN is the DATA_FIN: it is acknowledged
 	// once the subflow ACK passes it, not when the data is.
@@ -601,8 +605,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 		}
 		if c.rcv.Readable() > 0 {
 			n := c.rcv.Read(p)
-			c.stats.bytesSent += 0
-			c.wakeLocked() // room for the subflow readers
+			c.wakeReadersLocked()
 			return n, nil
 		}
 		if c.rcv.EOF() {
@@ -621,6 +624,21 @@ func (c *Conn) Read(p []byte) (int, error) {
 		if err := c.waitLocked(c.readDeadline); err != nil {
 			return 0, err
 		}
+	}
+}
+
+// wakeReadersLocked wakes subflow readers that wait for room in the
+// receive window (rxRoomLocked) once the application has read an eighth
+// of it since they began to wait, or everything: waking them on every
+// small Read cost a goroutine switch per read when the application is
+// the bottleneck.
+func (c *Conn) wakeReadersLocked() {
+	if !c.rxWaiting {
+		return
+	}
+	if c.rcv.Readable() == 0 || dsnDiff(c.rcv.WindowEnd(), c.rxWaitEnd) >= int64(c.rcv.Window()/8) {
+		c.rxWaiting = false
+		c.wakeLocked()
 	}
 }
 

@@ -162,6 +162,9 @@ func (sf *subflow) reader() {
 		c.mu.Lock()
 		room := c.rxRoomLocked(sf, len(buf))
 		for room <= 0 && !c.isDone() {
+			if !c.rxWaiting {
+				c.rxWaiting, c.rxWaitEnd = true, c.rcv.WindowEnd()
+			}
 			w := c.waitCh()
 			c.mu.Unlock()
 			select {

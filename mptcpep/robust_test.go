@@ -29,16 +29,23 @@ import (
 // the transfer complete intact. When the path comes back, it must carry
 // data again.
 func TestSubflowLossReinjection(t *testing.T) {
-	const size = 32 << 20
 	for _, tc := range []struct {
 		name    string
 		rate    int64
 		outage  time.Duration // 0: for good
+		size    int
 		timeout time.Duration
 	}{
-		{"down-for-good", 100_000_000, 0, 20 * time.Second},
-		{"down-3s-and-back", 30_000_000, 3 * time.Second, 20 * time.Second},
+		{"down-for-good", 100_000_000, 0, 32 << 20, 20 * time.Second},
+		// gVisor's RTO backoff keeps the returned path idle for up to
+		// about the outage again (3.2 s seen): 32 MiB each way left only
+		// ~12 MiB at the return, which path 1 alone could finish first
+		// (the client then never used path 0 again: flaked). 48 MiB
+		// leaves ~28 MiB, over 7 s on one path.
+		{"down-3s-and-back", 30_000_000, 3 * time.Second, 48 << 20, 30 * time.Second},
 	} {
+		size := tc.size
+		quarter := uint64(size / 4)
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), tc.timeout)
 			defer cancel()
@@ -56,7 +63,7 @@ func TestSubflowLossReinjection(t *testing.T) {
 				// A quarter of each direction: both still have data in
 				// flight on path 0 when it goes (a combined threshold let
 				// one direction be nearly done and reinject nothing).
-				return cc.Stats().BytesReceived >= size/4 && sc.Stats().BytesReceived >= size/4
+				return cc.Stats().BytesReceived >= quarter && sc.Stats().BytesReceived >= quarter
 			}, func(ctx context.Context) {
 				w.links[0][0].SetDown(true)
 				if tc.outage == 0 {

@@ -91,6 +91,7 @@ func (c *Conn) openSubflow(ctx context.Context, local Local, remote netip.AddrPo
 		return nil, fmt.Errorf("bind to %s: %s", nic.Name, terr)
 	}
 	ep.SocketOptions().SetDelayOption(false)
+	e.sizeReceiveBuffer(ep)
 	if terr := ep.Bind(tcpip.FullAddress{Addr: tcpip.AddrFromSlice(local.Addr.AsSlice())}); terr != nil {
 		ep.Close()
 		return nil, fmt.Errorf("bind %v: %s", local.Addr, terr)

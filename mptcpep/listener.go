@@ -281,6 +281,7 @@ func (l *Listener) adopt(ep tcpip.Endpoint, wq *waiter.Queue) {
 		l.deliver(&Conn{e: e, fb: newFallbackConn(wq, ep), fallback: true, done: make(chan struct{})})
 		return
 	}
+	e.sizeReceiveBuffer(ep)
 	sf := p.sf
 	c := sf.c
 	c.mu.Lock()

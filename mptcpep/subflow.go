@@ -260,3 +260,24 @@ func (sf *subflow) stats() SubflowStats {
 	}
 	return s
 }
+
+// sizeReceiveBuffer gives a subflow endpoint a receive buffer whose TCP
+// window is the connection's receive buffer (gVisor advertises about half
+// of its free buffer: it counts segment memory), within the stack's
+// limit. The peer sends by that window (the layer does not rewrite it), so
+// it is the connection-level window the peer sees. gVisor's receive-buffer
+// moderation would never size it: it runs only when the reader calls
+// ModerateRecvBuf, which the subflow readers do not. With the stack's 1
+// MiB default the window stayed at ~512 KiB, 45 ms at 93 Mbit/s, and tail
+// drops on one uplink stalled the whole connection until that subflow
+// recovered (TestPeerWindowCoversReceiveBuffer). A window beyond the
+// connection buffer would let the peer put far-ahead data in front of
+// the bytes the receiver waits for (TestSlowReaderKeepsWindow).
+func (e *Endpoint) sizeReceiveBuffer(ep tcpip.Endpoint) {
+	want := 2 * e.cfg.ReceiveBuffer
+	var r tcpip.TCPReceiveBufferSizeRangeOption
+	if err := e.st.S.TransportProtocolOption(tcp.ProtocolNumber, &r); err == nil && r.Max > 0 {
+		want = min(want, r.Max)
+	}
+	ep.SocketOptions().SetReceiveBufferSize(int64(want), true)
+}

@@ -49,6 +49,7 @@ type bondTopo struct {
 	dir                string
 	keyFile            string
 	sinkBytes          atomic.Int64
+	sinkOpen           atomic.Int64 // sink connections not ended yet
 }
 
 func bondNS(id, role string) *lab.NS { return &lab.NS{Name: "mbc-" + id + "-" + role} }
@@ -171,6 +172,8 @@ func (b *bondTopo) startWebServers(t *testing.T) {
 		}()
 	}
 	sink := func(c net.Conn) {
+		b.sinkOpen.Add(1)
+		defer b.sinkOpen.Add(-1)
 		buf := make([]byte, 256<<10)
 		for {
 			n, err := c.Read(buf)

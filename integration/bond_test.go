@@ -47,6 +47,18 @@ func TestBond(t *testing.T) {
 		}()
 		rates := bondSample(b.sinkBytes.Load, time.Second, bondAfter(8*time.Second))
 		close(stop)
+		// The upload ends when the sink has its last byte: what the app
+		// wrote before closing (its socket buffer, stack A's, the
+		// connection's send buffer, ~10 MB) still drains for about a
+		// second. The download subtest measures idle uplinks, as a
+		// download alone does; started during that tail, its slow start
+		// met ACKs queued behind the upload and overshot into the tbf
+		// queues on both uplinks (a first second at 30-60 Mbit/s).
+		drainStart := time.Now()
+		c.Close()
+		require.Eventually(t, func() bool { return b.sinkOpen.Load() == 0 }, 15*time.Second, 10*time.Millisecond,
+			"the upload did not end at the sink")
+		t.Logf("upload tail after close: %.2f s", time.Since(drainStart).Seconds())
 		// After slow start and subflow joins: the sustained rate (median
 		// second) must reach 90 %; the mean may lose a stalled second
 		// (seen once in CI: one second at 51 Mbit/s, cause not found yet).

@@ -274,10 +274,17 @@ func (sf *subflow) stats() SubflowStats {
 // connection buffer would let the peer put far-ahead data in front of
 // the bytes the receiver waits for (TestSlowReaderKeepsWindow).
 func (e *Endpoint) sizeReceiveBuffer(ep tcpip.Endpoint) {
+	ep.SocketOptions().SetReceiveBufferSize(int64(e.SubflowReceiveBuffer()), true)
+}
+
+// SubflowReceiveBuffer is the receive buffer each subflow gets (see
+// sizeReceiveBuffer): a plain-TCP baseline on the same stack should use it
+// too (mptun connect --plain).
+func (e *Endpoint) SubflowReceiveBuffer() int {
 	want := 2 * e.cfg.ReceiveBuffer
 	var r tcpip.TCPReceiveBufferSizeRangeOption
 	if err := e.st.S.TransportProtocolOption(tcp.ProtocolNumber, &r); err == nil && r.Max > 0 {
 		want = min(want, r.Max)
 	}
-	ep.SocketOptions().SetReceiveBufferSize(int64(want), true)
+	return want
 }

@@ -14,6 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
 	"github.com/mptun/mptun/hostnet"
 	"github.com/mptun/mptun/mptcpep"
@@ -55,6 +56,15 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		proto := ipv4.ProtocolNumber
 		if remote.Addr().Is6() {
 			proto = ipv6.ProtocolNumber
+		}
+		// The same receive buffer an MPTCP subflow gets, so the baseline
+		// differs only by the option layer and the meta-socket.
+		var rb tcpip.TCPReceiveBufferSizeRangeOption
+		if err := eng.st.S.TransportProtocolOption(tcp.ProtocolNumber, &rb); err == nil {
+			rb.Default = eng.ep.SubflowReceiveBuffer()
+			if err := eng.st.S.SetTransportProtocolOption(tcp.ProtocolNumber, &rb); err != nil {
+				return fmt.Errorf("plain: receive buffer: %s", err)
+			}
 		}
 		pc, err := gonet.DialTCPWithBind(dctx, eng.st.S,
 			tcpip.FullAddress{Addr: tcpip.AddrFromSlice(u.StackAddr.AsSlice())},

@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -414,33 +413,16 @@ func parseProcPidStat(raw []byte) (float64, error) {
 // daemon is a long-running mptun process (tunnel client or server).
 type daemon struct {
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *lab.SyncBuffer
 	done   chan struct{}
 	err    error
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func startDaemon(ns *lab.NS, bin string, args ...string) (*daemon, error) {
 	// Not CommandContext: the daemon outlives Setup's context and is stopped
 	// by stop (SIGTERM, then SIGKILL).
 	cmd := ns.Command(context.Background(), bin, args...)
-	d := &daemon{cmd: cmd, stderr: &syncBuffer{}, done: make(chan struct{})}
+	d := &daemon{cmd: cmd, stderr: &lab.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stderr = d.stderr
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("mptun %s: %w", args[0], err)

@@ -2,7 +2,6 @@ package integration
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -25,6 +24,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/mptun/mptun/lab"
 
 	"github.com/mptun/mptun/mptcpep"
 )
@@ -284,27 +285,9 @@ func mpiHex(h hash.Hash) string { return hex.EncodeToString(h.Sum(nil)) }
 // mpiProc is an mptun process running in a namespace.
 type mpiProc struct {
 	cmd    *exec.Cmd
-	stderr *mpiSyncBuffer
+	stderr *lab.SyncBuffer
 	done   chan struct{}
 	err    error // of Wait, valid after done
-}
-
-// mpiSyncBuffer is a bytes.Buffer safe to read while the process writes.
-type mpiSyncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *mpiSyncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *mpiSyncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // mpiStart runs mptun in ns via "ip netns exec" (which execs, so the pid is
@@ -328,7 +311,7 @@ func mpiStart(ctx context.Context, t *testing.T, ns, stdin, stdout string, args 
 		t.Cleanup(func() { f.Close() })
 		cmd.Stdout = f
 	}
-	p := &mpiProc{cmd: cmd, stderr: &mpiSyncBuffer{}, done: make(chan struct{})}
+	p := &mpiProc{cmd: cmd, stderr: &lab.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stderr = p.stderr
 	require.NoError(t, cmd.Start())
 	go func() {

@@ -676,14 +676,8 @@ func (c *Conn) Write(p []byte) (int, error) {
 	defer c.mu.Unlock()
 	total := 0
 	for len(p) > 0 {
-		if c.writeClosed {
-			return total, ErrClosed
-		}
-		if c.err != nil {
-			if c.err == io.EOF {
-				return total, ErrClosed
-			}
-			return total, c.err
+		if err := c.writeErrLocked(); err != nil {
+			return total, err
 		}
 		if n := c.snd.Write(p); n > 0 {
 			total += n
@@ -699,6 +693,14 @@ func (c *Conn) Write(p []byte) (int, error) {
 	return total, nil
 }
 
+// writeErrLocked is why Write and ReadFrom can take no more data, or nil.
+func (c *Conn) writeErrLocked() error {
+	if c.writeClosed || c.err == io.EOF {
+		return ErrClosed
+	}
+	return c.err
+}
+
 // ReadFrom implements io.ReaderFrom: it reads from r straight into the
 // send buffer, so io.Copy to a Conn costs one copy less than through
 // Write (as many as plain TCP through gVisor's gonet).
@@ -712,14 +714,8 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	defer c.mu.Unlock()
 	var total int64
 	for {
-		if c.writeClosed {
-			return total, ErrClosed
-		}
-		if c.err != nil {
-			if c.err == io.EOF {
-				return total, ErrClosed
-			}
-			return total, c.err
+		if err := c.writeErrLocked(); err != nil {
+			return total, err
 		}
 		tail := c.snd.Tail()
 		if len(tail) == 0 {

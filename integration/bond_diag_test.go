@@ -33,20 +33,7 @@ func TestBondDiag(t *testing.T) {
 	}
 	gap, _ := time.ParseDuration(os.Getenv("MPTUN_DIAG_GAP"))
 	b := bondNewTopo(t, 50)
-	srv := b.start(t, b.srv, "server", "--listen", bondServerAddr+":"+bondServerPort, "--key-file", b.keyFile,
-		"--log-level", "debug", "--metrics", "127.0.0.1:9477")
-	require.Eventually(t, func() bool {
-		var ok bool
-		_ = b.rtr.Do(func() error {
-			c, err := net.DialTimeout("tcp", bondServerAddr+":"+bondServerPort, 300*time.Millisecond)
-			if err == nil {
-				ok = true
-				c.Close()
-			}
-			return nil
-		})
-		return ok
-	}, 15*time.Second, 100*time.Millisecond)
+	srv := b.startServerWith(t, "--log-level", "debug", "--metrics", "127.0.0.1:9477")
 	b.startClient(t, bondClientOpts{})
 	defer func() {
 		for _, l := range strings.Split(srv.stderr.String(), "\n") {
@@ -78,20 +65,7 @@ func TestBondDiag(t *testing.T) {
 		c, err := b.dial(t, bondWebV4, bondSinkPort)
 		require.NoError(t, err)
 		stop := make(chan struct{})
-		go func() {
-			buf := make([]byte, 128<<10)
-			_ = c.SetWriteDeadline(time.Now().Add(20 * time.Second))
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if _, err := c.Write(buf); err != nil {
-					return
-				}
-			}
-		}()
+		go bondFlood(c, stop)
 		time.Sleep(8 * time.Second)
 		close(stop)
 		c.Close()

@@ -244,14 +244,14 @@ func bondPattern(b []byte, seed [4]byte) {
 // bondProc is an mptun process in a namespace.
 type bondProc struct {
 	cmd    *exec.Cmd
-	stderr *mpiSyncBuffer
+	stderr *lab.SyncBuffer
 	done   chan error
 }
 
 func (b *bondTopo) start(t *testing.T, ns *lab.NS, args ...string) *bondProc {
 	t.Helper()
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns.Name, mpiBinary.path(t)}, args...)...)
-	p := &bondProc{cmd: cmd, stderr: &mpiSyncBuffer{}, done: make(chan error, 1)}
+	p := &bondProc{cmd: cmd, stderr: &lab.SyncBuffer{}, done: make(chan error, 1)}
 	cmd.Stderr = p.stderr
 	require.NoError(t, cmd.Start())
 	go func() { p.done <- cmd.Wait() }()
@@ -284,9 +284,17 @@ func (p *bondProc) stop(sig syscall.Signal, d time.Duration) (exited bool, err e
 }
 
 func (b *bondTopo) startServer(t *testing.T) *bondProc {
-	p := b.start(t, b.srv, "server", "--listen", bondServerAddr+":"+bondServerPort, "--key-file", b.keyFile, "--log-level", "info")
+	return b.startServerWith(t, "--log-level", "info")
+}
+
+// startServerWith starts the concentrator with extra flags and waits until
+// its port accepts.
+func (b *bondTopo) startServerWith(t *testing.T, extra ...string) *bondProc {
+	args := append([]string{"server", "--listen", bondServerAddr + ":" + bondServerPort, "--key-file", b.keyFile}, extra...)
+	p := b.start(t, b.srv, args...)
 	// Ready when the port accepts (DNAT into the userspace stack is in
-	// place) - probe from the router namespace.
+	// place, or the kernel socket listens) - probe from the router
+	// namespace.
 	require.Eventually(t, func() bool {
 		var ok bool
 		_ = b.rtr.Do(func() error {

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"net"
 	"syscall"
 	"testing"
 	"time"
@@ -15,20 +14,7 @@ import (
 // refuses the key-bound tag.
 func TestBondKernelConcentrator(t *testing.T) {
 	b := bondNewTopo(t, 0)
-	srv := b.start(t, b.srv, "server", "--kernel", "--listen", bondServerAddr+":"+bondServerPort,
-		"--key-file", b.keyFile, "--log-level", "info")
-	require.Eventually(t, func() bool {
-		var ok bool
-		_ = b.rtr.Do(func() error {
-			c, err := net.DialTimeout("tcp", bondServerAddr+":"+bondServerPort, 300*time.Millisecond)
-			if err == nil {
-				ok = true
-				c.Close()
-			}
-			return nil
-		})
-		return ok
-	}, 15*time.Second, 100*time.Millisecond, "kernel-mode server did not come up: %s", srv.stderr)
+	srv := b.startServerWith(t, "--kernel", "--log-level", "info")
 
 	t.Run("key-bound tag refused", func(t *testing.T) {
 		cl := b.startClient(t, bondClientOpts{})

@@ -31,20 +31,7 @@ func TestBond(t *testing.T) {
 		require.NoError(t, err)
 		defer c.Close()
 		stop := make(chan struct{})
-		go func() {
-			buf := make([]byte, 128<<10)
-			_ = c.SetWriteDeadline(time.Now().Add(20 * time.Second))
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if _, err := c.Write(buf); err != nil {
-					return
-				}
-			}
-		}()
+		go bondFlood(c, stop)
 		rates := bondSample(b.sinkBytes.Load, time.Second, bondAfter(8*time.Second))
 		close(stop)
 		// The upload ends when the sink has its last byte: what the app
@@ -235,6 +222,23 @@ func bondAfter(d time.Duration) <-chan struct{} {
 	c := make(chan struct{})
 	time.AfterFunc(d, func() { close(c) })
 	return c
+}
+
+// bondFlood writes to c until stop is closed or a write fails (the write
+// deadline ends it after 20 s at the latest).
+func bondFlood(c net.Conn, stop <-chan struct{}) {
+	buf := make([]byte, 128<<10)
+	_ = c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		if _, err := c.Write(buf); err != nil {
+			return
+		}
+	}
 }
 
 func bondDrain(c net.Conn, n *atomic.Int64) {

@@ -19,6 +19,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/mptun/mptun/lab"
 )
 
 // MP_FAIL and the infinite mapping (RFC 8684 3.7) against Linux: one
@@ -108,17 +110,27 @@ func TestInteropMPFail(t *testing.T) {
 	t.Run("mptun-sends", mpfMptunSends)
 }
 
+// mpfSetup builds one case: the topology (opts says which kernel checks
+// DSS checksums), a single subflow, the one-byte corruption on srv0's
+// ingress toward the service port (corrupted counts its hits) and the
+// optional capture of srv0 into $MPI_PCAP_DIR/pcap.
+func mpfSetup(t *testing.T, opts mpiTopoOpts, pcap string) (ctx context.Context, tp *mpiTopo, corrupted func() int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
+	t.Cleanup(cancel)
+	tp = mpiNewTopo(t, opts)
+	mpfSingleSubflow(t, tp)
+	corrupted = mpfCorruptOnce(t, tp.srv, "srv0", mpiPort, mpfSkip)
+	mpfCapture(t, tp.srv, "srv0", pcap)
+	return ctx, tp, corrupted
+}
+
 // mpfKernelSends: a Linux MPTCP client sends to mptun listen and the
 // corrupted segment goes to mptun, which sends MP_FAIL; Linux echoes it and
 // falls back with an infinite mapping.
 func mpfKernelSends(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
-	t.Cleanup(cancel)
-	tp := mpiNewTopo(t, mpiTopoOpts{cliChecksum: true})
-	mpfSingleSubflow(t, tp)
 	// Kernel client -> srv0 ingress (before the DNAT to mptun's TUN).
-	corrupted := mpfCorruptOnce(t, tp.srv, "srv0", mpiPort, mpfSkip)
-	mpfCapture(t, tp.srv, "srv0", "mpfail-kernel-sends.pcap")
+	ctx, tp, corrupted := mpfSetup(t, mpiTopoOpts{cliChecksum: true}, "mpfail-kernel-sends.pcap")
 
 	dir := t.TempDir()
 	downPath, downSHA := mpiWriteFile(t, dir, 21, mpfSize)
@@ -176,18 +188,6 @@ func mpfKernelSends(t *testing.T) {
 	require.Zero(t, d["MPRstRx"], "%v", d)
 }
 
-// mpfMptunSends: mptun connect sends to a Linux MPTCP server and the
-// corrupted segment goes to Linux, which sends MP_FAIL; mptun echoes it and
-// falls back with an infinite mapping.
-//
-// The server answers only after the whole upload (mpfRespondAfterUpload):
-// Linux 6.18 loses the end of the stream when its own DATA_FIN went out
-// (as a DSS option) before its MP_FAIL. After the fallback it acknowledges
-// mptun's TCP FIN, the subflow goes to CLOSE-WAIT, but the fallen-back
-// MPTCP socket stays in FIN-WAIT-2 and its reader never sees EOF (ss -M:
-// "mptcp FIN-WAIT-2 ... fallback", the subflow "tcp CLOSE-WAIT",
-// bytes_received = data + FIN). With both directions at once that
-// happened in about one run in three.
 // mpfSendDrainThenClose is mpiExchangeKeep for a Linux sender that falls
 // back mid-stream: it half-closes only once its send queue is empty
 // (SIOCOUTQ 0). Linux 6.18 truncated the stream otherwise: with
@@ -262,6 +262,8 @@ func mpfWaitSendQueueEmpty(conn *net.TCPConn, d time.Duration) error {
 	}
 }
 
+// mpfRespondAfterUpload is the Linux server of mpfMptunSends: it reads the
+// whole upload, then sends its own stream and half-closes (see there why).
 func mpfRespondAfterUpload(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
 	var r mpiPeerResult
 	mp, err := conn.MultipathTCP()
@@ -295,14 +297,22 @@ func mpfRespondAfterUpload(conn *net.TCPConn, seed uint64, size int64) mpiPeerRe
 	}
 	return r
 }
+
+// mpfMptunSends: mptun connect sends to a Linux MPTCP server and the
+// corrupted segment goes to Linux, which sends MP_FAIL; mptun echoes it and
+// falls back with an infinite mapping.
+//
+// The server answers only after the whole upload (mpfRespondAfterUpload):
+// Linux 6.18 loses the end of the stream when its own DATA_FIN went out
+// (as a DSS option) before its MP_FAIL. After the fallback it acknowledges
+// mptun's TCP FIN, the subflow goes to CLOSE-WAIT, but the fallen-back
+// MPTCP socket stays in FIN-WAIT-2 and its reader never sees EOF (ss -M:
+// "mptcp FIN-WAIT-2 ... fallback", the subflow "tcp CLOSE-WAIT",
+// bytes_received = data + FIN). With both directions at once that
+// happened in about one run in three.
 func mpfMptunSends(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
-	t.Cleanup(cancel)
-	tp := mpiNewTopo(t, mpiTopoOpts{srvChecksum: true})
-	mpfSingleSubflow(t, tp)
 	// mptun's TUN -> SNAT -> cli0 -> srv0 ingress -> kernel server.
-	corrupted := mpfCorruptOnce(t, tp.srv, "srv0", mpiPort, mpfSkip)
-	mpfCapture(t, tp.srv, "srv0", "mpfail-mptun-sends.pcap")
+	ctx, tp, corrupted := mpfSetup(t, mpiTopoOpts{srvChecksum: true}, "mpfail-mptun-sends.pcap")
 
 	dir := t.TempDir()
 	upPath, _ := mpiWriteFile(t, dir, 23, mpfSize)
@@ -371,7 +381,7 @@ func mpfCapture(t *testing.T, ns, dev, name string) {
 	}
 	path := filepath.Join(dir, name)
 	cmd := exec.Command("ip", "netns", "exec", ns, "tcpdump", "-i", dev, "--immediate-mode", "-U", "-s", "200", "-w", path, "tcp")
-	stderr := &mpiSyncBuffer{}
+	stderr := &lab.SyncBuffer{}
 	cmd.Stderr = stderr
 	require.NoError(t, cmd.Start())
 	done := make(chan struct{})

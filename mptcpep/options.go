@@ -215,6 +215,9 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 	d := header.DSS{HasDataAck: true, DataAck64: true, DataAck: c.rcv.RcvNxt()}
 	cover := 0
 	if seg.PayloadLen > 0 {
+		if n := int32(min(seg.PayloadLen, maxSegLen)); n > sf.maxSeg.Load() {
+			sf.maxSeg.Store(n) // only this goroutine (under c.mu) writes it
+		}
 		if m, ok := sf.tx.Find(rel); ok {
 			sf.tx.Seal(rel)
 			d.HasMapping, d.DSN64, d.DSN, d.SSN, d.DataLen = true, true, m.DSN, m.SSN, uint16(m.Len)

@@ -30,11 +30,13 @@ const unknownRTT = 100 * time.Millisecond
 
 // room is what a path may take: its congestion window plus three
 // quarters of it and a few segments, so gVisor stays cwnd-limited (and
-// grows it) without queueing seconds of data on a slow path. Measured on
-// two 50 Mbit/s paths (bench scenario 1, upload to kernel MPTCP): 1 cwnd
-// + 4 MSS gave 86 %, 1.5 cwnd 88-90 %, 1.75 cwnd 92 %, 2 cwnd 92 % but
-// wifi-lte (scenario 2) dropped from 91 % to 79 % with ten times the
-// retransmissions on the slow path; 1.75 keeps it at 91 %.
+// grows it) without queueing seconds of data on a slow path. Measured
+// with the real MSS (bench, upload to kernel MPTCP, 10 s): 1.75 cwnd gave
+// 92.3-92.6 Mbit/s on two 50 Mbit/s paths (scenario 1) and 54.1-54.7 of
+// 60 on wifi-lte (scenario 2); 1.25 the same; 1 cwnd + 4 MSS fell to 47
+// on wifi-lte in two runs of three. Bounding the extra to 20 ms of the
+// path's rate, to keep less on the satellite path (scenario 3), got
+// 22.3-22.5 there against 23.5-24.6 and lost wifi-lte runs.
 func (p PathInfo) room() int {
 	mss := max(p.MSS, 536)
 	limit := int(p.Cwnd)*mss*7/4 + 4*mss

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -12,6 +13,14 @@ import (
 
 	"github.com/mptun/mptun/netstack"
 )
+
+// defaultMSS stands for a subflow's MSS until a full segment shows it: an
+// Ethernet path's payload with timestamps and the option budget.
+const defaultMSS = 1400
+
+// maxSegLen bounds what maxSeg believes, should a segment ever be a GSO
+// super-segment.
+const maxSegLen = 9000
 
 type sfState int
 
@@ -73,6 +82,13 @@ type subflow struct {
 	err           error
 	readerDone    bool
 	readerStarted bool
+
+	// maxSeg is the largest payload gVisor put in one segment of this
+	// subflow: its sending MSS once bulk data flowed. gVisor reports no
+	// MSS for a connected endpoint (MaxSegOption answers the 536 default),
+	// and the scheduler sizes its grant in cwnd x MSS bytes. Atomic: set
+	// in Outgoing, read by sample without the connection lock.
+	maxSeg atomic.Int32
 }
 
 // sfInfo is what the scheduler knows of a subflow's TCP state, sampled
@@ -134,11 +150,11 @@ func (sf *subflow) sample() sfInfo {
 		queued = 0
 	}
 	in.sndFree = int(ep.SocketOptions().GetSendBufferSize()) - queued
-	if mss, err := ep.GetSockOptInt(tcpip.MaxSegOption); err == nil {
-		in.mss = mss
-	}
-	if in.mss <= 0 {
-		in.mss = 1400
+	// Until data went out; after small writes only it is low, and the
+	// scheduler's floor of 536 grants enough for a full segment to show.
+	in.mss = int(sf.maxSeg.Load())
+	if in.mss == 0 {
+		in.mss = defaultMSS
 	}
 	if st, ok := ep.Stats().(*tcp.Stats); ok {
 		in.retrans = st.SendErrors.Retransmits.Value()

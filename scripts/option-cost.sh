@@ -4,22 +4,26 @@
 # TUN path without MPTCP), to a kernel MPTCP peer over one veth, rounds
 # alternating so that load changes on a shared machine hit both alike.
 #
-#   sudo scripts/option-cost.sh [-r ROUNDS] [-d up|down|both] BINARY [BINARY...]
+#   sudo scripts/option-cost.sh [-r ROUNDS] [-d up|down|both] [-p DIR] BINARY [BINARY...]
+#
+# -p DIR writes a CPU profile of every mptun run to DIR/N-MODE-DIR.prof
+# (N: the binary's position), for `go tool pprof`.
 #
 # Prints one line per run (binary, mode, direction, wall s, user s, sys s)
 # and medians per binary, mode and direction. Several binaries compare builds
 # (A/B) in the same rounds. Namespaces moc-c/moc-s, removed on exit.
 set -euo pipefail
-rounds=3 dirs=both
-while getopts r:d: o; do
+rounds=3 dirs=both profdir=
+while getopts r:d:p: o; do
 	case $o in
 	r) rounds=$OPTARG ;;
 	d) dirs=$OPTARG ;;
+	p) profdir=$(mkdir -p "$OPTARG" && readlink -f "$OPTARG") ;;
 	*) exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { echo "usage: $0 [-r N] [-d up|down|both] BINARY..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 [-r N] [-d up|down|both] [-p DIR] BINARY..." >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || { echo "option-cost: needs root (namespaces)" >&2; exit 1; }
 bins=()
 for b in "$@"; do bins+=("$(readlink -f "$b")"); done
@@ -60,21 +64,22 @@ server() { # dir
 	echo "option-cost: server did not start" >&2
 	return 1
 }
-run() { # bin mode dir
-	local plain=() in=/dev/null
+run() { # bin mode dir binindex
+	local plain=() in=/dev/null prof=()
 	[ "$2" = plain ] && plain=(--plain)
 	[ "$3" = up ] && in="$tmp/zero1g"
+	[ -n "$profdir" ] && prof=(env MPTUN_CPUPROFILE="$profdir/$4-$2-$3.prof")
 	server "$3"
-	/usr/bin/time -f "%e %U %S" -o "$tmp/t" ip netns exec moc-c "$1" connect "${plain[@]}" --uplink cli0 10.91.1.1:5000 <"$in" >/dev/null 2>"$tmp/err" ||
+	/usr/bin/time -f "%e %U %S" -o "$tmp/t" ip netns exec moc-c "${prof[@]}" "$1" connect "${plain[@]}" --uplink cli0 10.91.1.1:5000 <"$in" >/dev/null 2>"$tmp/err" ||
 		{ echo "option-cost: $1 $2 $3 failed:" >&2; tail -5 "$tmp/err" >&2; return 1; }
 	echo "$1 $2 $3 $(cat "$tmp/t")" | tee -a "$tmp/all"
 }
 case $dirs in both) dl="up down" ;; *) dl=$dirs ;; esac
 for r in $(seq "$rounds"); do
 	for d in $dl; do
-		for b in "${bins[@]}"; do
-			run "$b" mptcp "$d"
-			run "$b" plain "$d"
+		for i in "${!bins[@]}"; do
+			run "${bins[$i]}" mptcp "$d" "$i"
+			run "${bins[$i]}" plain "$d" "$i"
 		done
 	done
 done

@@ -37,6 +37,9 @@ type Conn struct {
 	// wmu serializes Write and ReadFrom: ReadFrom fills the send buffer's
 	// tail without mu, so no other writer may append meanwhile.
 	wmu sync.Mutex
+	// rmu serializes Read and WriteTo: WriteTo writes the reassembly's
+	// blocks out without mu, so nothing may consume them meanwhile.
+	rmu sync.Mutex
 
 	mu             sync.Mutex
 	notify         chan struct{} // closed and replaced to wake waiters
@@ -331,12 +334,48 @@ func (c *Conn) deliver(sf *subflow, b []byte) {
 		b = b[k:]
 	}
 	sf.rx.Consume(sf.readSSN)
+	c.deliveredLocked(sf)
+}
+
+// deliveredLocked follows new data from sf: a DATA_ACK soon, readers woken.
+func (c *Conn) deliveredLocked(sf *subflow) {
 	c.lastRxSf = sf
 	if c.rcv.RcvNxt() != c.lastDataAckTx && c.ackDueAt.IsZero() {
 		c.ackDueAt = time.Now().Add(time.Millisecond)
 		c.kickLocked()
 	}
 	c.wakeLocked()
+}
+
+// reserveLocked returns where the reader of sf may read up to want bytes
+// straight into the reassembly, or nil to read through its buffer and
+// deliver: only for in-order bytes (at rcv_nxt) of a mapping without a
+// DSS checksum (those are checked whole before they are placed).
+func (c *Conn) reserveLocked(sf *subflow, want int) []byte {
+	if want <= 0 || sf.readerDone || c.infinite || c.fail.sent || c.readClosed || c.csum {
+		return nil
+	}
+	dsn, n, ok := sf.rx.Lookup(sf.readSSN)
+	if !ok {
+		return nil
+	}
+	return c.rcv.Reserve(dsn, min(n, want))
+}
+
+// commit ends the reservation of sf's reader, which read n bytes into it.
+func (c *Conn) commit(sf *subflow, n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.rcv.Commit(n)
+	if n <= 0 {
+		return
+	}
+	c.e.MIB.RxInPlaceReads.Add(1)
+	sf.bytesRx += uint64(n)
+	c.stats.bytesReceived += uint64(n)
+	sf.readSSN += uint32(n)
+	sf.rx.Consume(sf.readSSN)
+	c.deliveredLocked(sf)
 }
 
 // insertLocked places b at dsn in the reassembly, counting drops.
@@ -594,6 +633,8 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if c.fb != nil {
 		return c.fb.Read(p)
 	}
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {

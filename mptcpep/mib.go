@@ -42,6 +42,7 @@ type MIB struct {
 	DataFinTX             atomic.Uint64
 	DataFinRX             atomic.Uint64
 	DupDataBytes          atomic.Uint64
+	RxInPlaceReads        atomic.Uint64 // subflow reads placed straight into the reassembly (in order)
 	WindowDropBytes       atomic.Uint64
 	OFOSegmentDrops       atomic.Uint64
 	ReinjectedBytes       atomic.Uint64

@@ -85,6 +85,11 @@ type reassembly struct {
 	finOff     uint64 // offset of the DATA_FIN
 	finReached bool   // rcvOff reached finOff: the FIN consumed its DSN
 
+	// resv marks [rcvOff, resvEnd) as being written by a subflow reader
+	// outside the connection lock (Reserve/Commit); Insert keeps out.
+	resv    bool
+	resvEnd uint64
+
 	stats reasmStats
 }
 
@@ -188,6 +193,16 @@ func (r *reassembly) Insert(dsn uint64, data []byte) (int, error) {
 
 	start := r.rcvOff + uint64(d)
 	end := start + uint64(len(data))
+	if r.resv && start < r.resvEnd {
+		// A reader fills these bytes in place right now (the same DSNs
+		// mapped on its subflow): the copy here is a duplicate.
+		skip := min(r.resvEnd, end) - start
+		r.stats.DupBytes += skip
+		data, start = data[skip:], start+skip
+		if len(data) == 0 {
+			return 0, err
+		}
+	}
 
 	// Fast path: in order with nothing out of order.
 	if start == r.rcvOff && len(r.ooo) == 0 {
@@ -248,6 +263,56 @@ func (r *reassembly) Insert(dsn uint64, data []byte) (int, error) {
 	return added, err
 }
 
+// Reserve returns the place of up to want in-order bytes starting at DSN
+// dsn, for a subflow reader to read them into without the connection
+// lock (one copy less than Insert). It returns nil unless dsn is rcv_nxt
+// and nothing else is reserved; the place ends at the window, the
+// DATA_FIN, the first out-of-order range and its block. Until Commit,
+// Insert treats those bytes as held.
+func (r *reassembly) Reserve(dsn uint64, want int) []byte {
+	if r.resv || r.finReached || dsn != r.isn+r.rcvOff {
+		return nil
+	}
+	limit := r.readOff + uint64(r.window) - r.rcvOff
+	if r.finSet {
+		limit = min(limit, r.finOff-r.rcvOff)
+	}
+	if len(r.ooo) > 0 {
+		limit = min(limit, r.ooo[0].start-r.rcvOff)
+	}
+	o := r.rcvOff % reasmBlockSize
+	n := min(uint64(max(want, 0)), limit, reasmBlockSize-o)
+	if n == 0 {
+		return nil
+	}
+	slot := int((r.rcvOff / reasmBlockSize) % uint64(len(r.slots)))
+	if r.slots[slot] == nil {
+		r.slots[slot] = r.newBlock()
+	}
+	r.resv, r.resvEnd = true, r.rcvOff+n
+	return r.slots[slot][o : o+n : o+n]
+}
+
+// Commit ends a reservation: the first n of its bytes were written and
+// are now received in order.
+func (r *reassembly) Commit(n int) {
+	if !r.resv {
+		return
+	}
+	r.resv = false
+	end := r.rcvOff + min(uint64(max(n, 0)), r.resvEnd-r.rcvOff)
+	if r.finSet {
+		end = min(end, r.finOff)
+	}
+	if len(r.ooo) > 0 && r.ooo[0].start <= end {
+		// Data that arrived meanwhile right after the reservation.
+		end = max(end, r.ooo[0].end)
+		r.oooLen -= int(r.ooo[0].end - r.ooo[0].start)
+		r.ooo = slices.Delete(r.ooo, 0, 1)
+	}
+	r.advance(end)
+}
+
 // advance moves rcvOff to end (all bytes below it are present) and notes
 // reaching the DATA_FIN.
 func (r *reassembly) advance(end uint64) {
@@ -299,6 +364,21 @@ func (r *reassembly) Peek() []byte {
 	o := r.readOff % reasmBlockSize
 	n = min(n, reasmBlockSize-o)
 	return blk[o : o+n : o+n]
+}
+
+// PeekBlocks appends to dst the in-order bytes at the read position as
+// up to max slices, one per block, without copying; like Peek's, they are
+// valid until the next Discard, Read or Trim.
+func (r *reassembly) PeekBlocks(dst [][]byte, max int) [][]byte {
+	off, end := r.readOff, r.rcvOff
+	for off < end && len(dst) < max {
+		blk := r.slots[(off/reasmBlockSize)%uint64(len(r.slots))]
+		o := off % reasmBlockSize
+		n := min(end-off, reasmBlockSize-o)
+		dst = append(dst, blk[o:o+n:o+n])
+		off += n
+	}
+	return dst
 }
 
 // Discard consumes up to n in-order bytes and returns how many it

@@ -510,3 +510,90 @@ func BenchmarkReassemblyTwoSubflows(b *testing.B) {
 		}
 	}
 }
+
+// TestReassemblyReserveRandom mixes in-place reads (Reserve, fill,
+// Commit, possibly short) with Inserts of the same and other bytes (a
+// second subflow's reinjections) and Reads, against the reference model
+// in which reserved bytes are neither held nor insertable.
+func TestReassemblyReserveRandom(t *testing.T) {
+	for seed := range uint64(40) {
+		rng := rand.New(rand.NewPCG(seed, 7))
+		total := 1 + rng.IntN(200_000)
+		window := 1 + rng.IntN(100_000)
+		isn := rng.Uint64()
+		stream := pattern(0, total)
+		r := newReassembly(isn, window)
+		m := newRefReasm(total, window)
+		var out []byte
+		buf := make([]byte, 50_000)
+		var resv []byte
+		resvOff := 0
+		inPlace := 0
+		for step := 0; len(out) < total; step++ {
+			require.Less(t, step, 200_000, "seed %d makes no progress", seed)
+			switch k := rng.IntN(8); {
+			case k < 2:
+				n := r.Read(buf[:rng.IntN(len(buf))])
+				out = append(out, buf[:n]...)
+				m.readOff += n
+			case k < 4 && resv == nil:
+				want := min(rng.IntN(40_000), total-m.rcvOff)
+				resv = r.Reserve(isn+uint64(m.rcvOff)+uint64(rng.IntN(2)*rng.IntN(10)), want)
+				if resv == nil {
+					continue
+				}
+				resvOff = m.rcvOff
+				require.LessOrEqual(t, len(resv), want)
+				require.LessOrEqual(t, resvOff+len(resv), m.readOff+window)
+				for p := resvOff; p < resvOff+len(resv); p++ {
+					require.False(t, m.have[p], "seed %d: reserved byte %d is held", seed, p)
+				}
+				require.Nil(t, r.Reserve(isn+uint64(m.rcvOff), 1), "one reservation at a time")
+			case k < 5 && resv != nil:
+				n := rng.IntN(len(resv) + 1)
+				if rng.IntN(2) == 0 {
+					n = len(resv)
+				}
+				copy(resv, stream[resvOff:resvOff+n])
+				r.Commit(n)
+				for p := resvOff; p < resvOff+n; p++ {
+					m.have[p] = true
+				}
+				for m.rcvOff < total && m.have[m.rcvOff] {
+					m.rcvOff++
+				}
+				resv = nil
+				inPlace += n
+			default:
+				off := max(m.rcvOff+rng.IntN(window+3000)-2000, 0)
+				if off >= total {
+					continue
+				}
+				n := 1 + rng.IntN(min(5000, total-off))
+				// Reserved bytes are skipped, as if already held.
+				lo, hi := resvOff, resvOff+len(resv)
+				wantAdded, wantDrop := 0, false
+				for p := off; p < off+n; p++ {
+					if p >= lo && p < hi {
+						continue
+					}
+					a, d := m.insert(p, 1)
+					wantAdded += a
+					wantDrop = wantDrop || d
+				}
+				added, err := r.Insert(isn+uint64(off), stream[off:off+n])
+				if wantDrop {
+					require.ErrorIs(t, err, ErrBeyondWindow)
+				} else {
+					require.NoError(t, err)
+				}
+				require.Equal(t, wantAdded, added, "seed %d insert [%d,+%d) resv [%d,%d)", seed, off, n, lo, hi)
+			}
+			require.Equal(t, isn+uint64(m.rcvOff), r.RcvNxt(), "seed %d step %d", seed, step)
+			require.Equal(t, m.rcvOff-m.readOff, r.Readable())
+			require.Equal(t, m.buffered(), r.Buffered())
+		}
+		require.Equal(t, stream, out, "seed %d", seed)
+		require.NotZero(t, inPlace, "seed %d placed nothing in place", seed)
+	}
+}

@@ -174,6 +174,12 @@ func (sf *subflow) reader() {
 	defer sf.wq.EventUnregister(&we)
 	buf := make([]byte, 64<<10)
 	for {
+		// What gVisor holds now (only this goroutine takes from it, so it
+		// can only grow): an in-place read of that much is filled whole.
+		queued, err := sf.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
+		if err != nil {
+			queued = 0
+		}
 		// Back-pressure: wait for room in the connection buffer.
 		c.mu.Lock()
 		room := c.rxRoomLocked(sf, len(buf))
@@ -191,12 +197,22 @@ func (sf *subflow) reader() {
 			room = c.rxRoomLocked(sf, len(buf))
 		}
 		done := c.isDone()
+		var inPlace []byte
+		if !done {
+			inPlace = c.reserveLocked(sf, min(room, queued))
+		}
 		c.mu.Unlock()
 		if done {
 			return
 		}
 		w := writerTo{b: buf[:room]}
+		if inPlace != nil {
+			w.b = inPlace
+		}
 		res, err := sf.ep.Read(&w, tcpip.ReadOptions{})
+		if inPlace != nil {
+			c.commit(sf, res.Count)
+		}
 		if err != nil {
 			if _, ok := err.(*tcpip.ErrWouldBlock); ok {
 				select {
@@ -218,7 +234,7 @@ func (sf *subflow) reader() {
 			c.subflowFailed(sf, e)
 			return
 		}
-		if res.Count > 0 {
+		if res.Count > 0 && inPlace == nil {
 			c.deliver(sf, buf[:res.Count])
 		}
 	}

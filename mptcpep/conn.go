@@ -347,19 +347,19 @@ func (c *Conn) deliveredLocked(sf *subflow) {
 	c.wakeLocked()
 }
 
-// reserveLocked returns where the reader of sf may read up to want bytes
-// straight into the reassembly, or nil to read through its buffer and
-// deliver: only for in-order bytes (at rcv_nxt) of a mapping without a
-// DSS checksum (those are checked whole before they are placed).
-func (c *Conn) reserveLocked(sf *subflow, want int) []byte {
+// reserveLocked appends to dst where the reader of sf may read up to want
+// bytes straight into the reassembly; nothing means to read through its
+// buffer and deliver. Only for in-order bytes (at rcv_nxt) of a mapping
+// without a DSS checksum (those are checked whole before they are placed).
+func (c *Conn) reserveLocked(dst [][]byte, sf *subflow, want int) [][]byte {
 	if want <= 0 || sf.readerDone || c.infinite || c.fail.sent || c.readClosed || c.csum {
-		return nil
+		return dst
 	}
 	dsn, n, ok := sf.rx.Lookup(sf.readSSN)
 	if !ok {
-		return nil
+		return dst
 	}
-	return c.rcv.Reserve(dsn, min(n, want))
+	return c.rcv.Reserve(dst, dsn, min(n, want))
 }
 
 // commit ends the reservation of sf's reader, which read n bytes into it.

@@ -263,15 +263,15 @@ func (r *reassembly) Insert(dsn uint64, data []byte) (int, error) {
 	return added, err
 }
 
-// Reserve returns the place of up to want in-order bytes starting at DSN
-// dsn, for a subflow reader to read them into without the connection
-// lock (one copy less than Insert). It returns nil unless dsn is rcv_nxt
-// and nothing else is reserved; the place ends at the window, the
-// DATA_FIN, the first out-of-order range and its block. Until Commit,
-// Insert treats those bytes as held.
-func (r *reassembly) Reserve(dsn uint64, want int) []byte {
+// Reserve appends to dst the place of up to want in-order bytes starting
+// at DSN dsn, one slice per block, for a subflow reader to read them into
+// without the connection lock (one copy less than Insert). It appends
+// nothing unless dsn is rcv_nxt and nothing else is reserved; the place
+// ends at the window, the DATA_FIN and the first out-of-order range.
+// Until Commit, Insert treats those bytes as held.
+func (r *reassembly) Reserve(dst [][]byte, dsn uint64, want int) [][]byte {
 	if r.resv || r.finReached || dsn != r.isn+r.rcvOff {
-		return nil
+		return dst
 	}
 	limit := r.readOff + uint64(r.window) - r.rcvOff
 	if r.finSet {
@@ -280,17 +280,22 @@ func (r *reassembly) Reserve(dsn uint64, want int) []byte {
 	if len(r.ooo) > 0 {
 		limit = min(limit, r.ooo[0].start-r.rcvOff)
 	}
-	o := r.rcvOff % reasmBlockSize
-	n := min(uint64(max(want, 0)), limit, reasmBlockSize-o)
-	if n == 0 {
-		return nil
+	end := r.rcvOff + min(uint64(max(want, 0)), limit)
+	if end == r.rcvOff {
+		return dst
 	}
-	slot := int((r.rcvOff / reasmBlockSize) % uint64(len(r.slots)))
-	if r.slots[slot] == nil {
-		r.slots[slot] = r.newBlock()
+	for off := r.rcvOff; off < end; {
+		slot := int((off / reasmBlockSize) % uint64(len(r.slots)))
+		if r.slots[slot] == nil {
+			r.slots[slot] = r.newBlock()
+		}
+		o := off % reasmBlockSize
+		n := min(end-off, reasmBlockSize-o)
+		dst = append(dst, r.slots[slot][o:o+n:o+n])
+		off += n
 	}
-	r.resv, r.resvEnd = true, r.rcvOff+n
-	return r.slots[slot][o : o+n : o+n]
+	r.resv, r.resvEnd = true, end
+	return dst
 }
 
 // Commit ends a reservation: the first n of its bytes were written and

@@ -527,6 +527,7 @@ func TestReassemblyReserveRandom(t *testing.T) {
 		var out []byte
 		buf := make([]byte, 50_000)
 		var resv []byte
+		var resvParts [][]byte
 		resvOff := 0
 		inPlace := 0
 		for step := 0; len(out) < total; step++ {
@@ -538,9 +539,17 @@ func TestReassemblyReserveRandom(t *testing.T) {
 				m.readOff += n
 			case k < 4 && resv == nil:
 				want := min(rng.IntN(40_000), total-m.rcvOff)
-				resv = r.Reserve(isn+uint64(m.rcvOff)+uint64(rng.IntN(2)*rng.IntN(10)), want)
-				if resv == nil {
+				resvParts = r.Reserve(resvParts[:0], isn+uint64(m.rcvOff)+uint64(rng.IntN(2)*rng.IntN(10)), want)
+				if len(resvParts) == 0 {
 					continue
+				}
+				// The parts are consecutive stretches of the stream, one
+				// per block; resv is a flat copy for the bounds checks.
+				resv = nil
+				for _, b := range resvParts {
+					require.NotEmpty(t, b)
+					require.LessOrEqual(t, len(b), reasmBlockSize)
+					resv = append(resv, b...)
 				}
 				resvOff = m.rcvOff
 				require.LessOrEqual(t, len(resv), want)
@@ -548,13 +557,17 @@ func TestReassemblyReserveRandom(t *testing.T) {
 				for p := resvOff; p < resvOff+len(resv); p++ {
 					require.False(t, m.have[p], "seed %d: reserved byte %d is held", seed, p)
 				}
-				require.Nil(t, r.Reserve(isn+uint64(m.rcvOff), 1), "one reservation at a time")
+				require.Empty(t, r.Reserve(nil, isn+uint64(m.rcvOff), 1), "one reservation at a time")
 			case k < 5 && resv != nil:
 				n := rng.IntN(len(resv) + 1)
 				if rng.IntN(2) == 0 {
 					n = len(resv)
 				}
-				copy(resv, stream[resvOff:resvOff+n])
+				var w vecWriter
+				w.reset(resvParts)
+				k, err := w.Write(stream[resvOff : resvOff+n])
+				require.NoError(t, err)
+				require.Equal(t, n, k)
 				r.Commit(n)
 				for p := resvOff; p < resvOff+n; p++ {
 					m.have[p] = true

@@ -173,6 +173,7 @@ func (sf *subflow) reader() {
 	sf.wq.EventRegister(&we)
 	defer sf.wq.EventUnregister(&we)
 	buf := make([]byte, 64<<10)
+	var vw vecWriter
 	for {
 		// What gVisor holds now (only this goroutine takes from it, so it
 		// can only grow): an in-place read of that much is filled whole.
@@ -197,21 +198,23 @@ func (sf *subflow) reader() {
 			room = c.rxRoomLocked(sf, len(buf))
 		}
 		done := c.isDone()
-		var inPlace []byte
+		inPlace := 0
 		if !done {
-			inPlace = c.reserveLocked(sf, min(room, queued))
+			vw.reset(c.reserveLocked(vw.bufs[:0], sf, min(room, queued)))
+			inPlace = vw.size
 		}
 		c.mu.Unlock()
 		if done {
 			return
 		}
-		w := writerTo{b: buf[:room]}
-		if inPlace != nil {
-			w.b = inPlace
-		}
-		res, err := sf.ep.Read(&w, tcpip.ReadOptions{})
-		if inPlace != nil {
+		var res tcpip.ReadResult
+		if inPlace > 0 {
+			res, err = sf.ep.Read(&vw, tcpip.ReadOptions{})
 			c.commit(sf, res.Count)
+			vw.release()
+		} else {
+			w := writerTo{b: buf[:room]}
+			res, err = sf.ep.Read(&w, tcpip.ReadOptions{})
 		}
 		if err != nil {
 			if _, ok := err.(*tcpip.ErrWouldBlock); ok {
@@ -234,7 +237,7 @@ func (sf *subflow) reader() {
 			c.subflowFailed(sf, e)
 			return
 		}
-		if res.Count > 0 && inPlace == nil {
+		if res.Count > 0 && inPlace == 0 {
 			c.deliver(sf, buf[:res.Count])
 		}
 	}
@@ -258,6 +261,45 @@ func (w *writerTo) Write(p []byte) (int, error) {
 }
 
 var errShortBuffer = errors.New("short buffer")
+
+// vecWriter collects what gVisor's Read hands out into a list of buffers
+// (a reservation in the reassembly, one slice per block).
+type vecWriter struct {
+	bufs [][]byte
+	size int // total length of bufs
+	i    int // current buffer
+	off  int // bytes written into bufs[i]
+}
+
+// reset makes bufs (appended to v.bufs[:0]) the target.
+func (v *vecWriter) reset(bufs [][]byte) {
+	v.bufs, v.i, v.off, v.size = bufs, 0, 0, 0
+	for _, b := range bufs {
+		v.size += len(b)
+	}
+}
+
+// release drops the references to the buffers, keeping the list's array.
+func (v *vecWriter) release() {
+	clear(v.bufs[:cap(v.bufs)])
+	v.reset(v.bufs[:0])
+}
+
+func (v *vecWriter) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 && v.i < len(v.bufs) {
+		k := copy(v.bufs[v.i][v.off:], p)
+		n += k
+		p = p[k:]
+		if v.off += k; v.off == len(v.bufs[v.i]) {
+			v.i, v.off = v.i+1, 0
+		}
+	}
+	if len(p) > 0 {
+		return n, errShortBuffer
+	}
+	return n, nil
+}
 
 // SubflowStats describes one subflow.
 type SubflowStats struct {

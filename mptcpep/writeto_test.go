@@ -88,3 +88,52 @@ func TestWriteToWriterError(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, data, append(f.got, rest...))
 }
+
+func TestVecWriter(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		sizes  []int
+		writes []int
+		wantN  []int
+		short  bool
+	}{
+		{"fits", []int{3, 5}, []int{2, 6}, []int{2, 6}, false},
+		{"spans all", []int{1, 1, 1}, []int{3}, []int{3}, false},
+		{"short", []int{4, 4}, []int{5, 5}, []int{5, 3}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var bufs [][]byte
+			total := 0
+			for _, n := range tc.sizes {
+				bufs = append(bufs, make([]byte, n))
+				total += n
+			}
+			var v vecWriter
+			v.reset(bufs)
+			require.Equal(t, total, v.size)
+			var in []byte
+			for i, n := range tc.writes {
+				p := make([]byte, n)
+				for j := range p {
+					p[j] = byte(len(in) + j + 1)
+				}
+				k, err := v.Write(p)
+				require.Equal(t, tc.wantN[i], k)
+				if tc.short && i == len(tc.writes)-1 {
+					require.ErrorIs(t, err, errShortBuffer)
+				} else {
+					require.NoError(t, err)
+				}
+				in = append(in, p[:k]...)
+			}
+			var got []byte
+			for _, b := range bufs {
+				got = append(got, b...)
+			}
+			require.Equal(t, in, got[:len(in)])
+			v.release()
+			require.Empty(t, v.bufs)
+			require.Nil(t, v.bufs[:cap(v.bufs)][0])
+		})
+	}
+}

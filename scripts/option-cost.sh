@@ -6,8 +6,8 @@
 #
 #   sudo scripts/option-cost.sh [-r ROUNDS] [-d up|down|both] [-p DIR] BINARY [BINARY...]
 #
-# -p DIR writes a CPU profile of every mptun run to DIR/N-MODE-DIR.prof
-# (N: the binary's position), for `go tool pprof`.
+# -p DIR writes a CPU profile of every mptun run to DIR/N-MODE-DIR-rR.prof
+# (N: the binary's position, R: the round), for `go tool pprof`.
 #
 # Prints one line per run (binary, mode, direction, wall s, user s, sys s)
 # and medians per binary, mode and direction. Several binaries compare builds
@@ -68,14 +68,14 @@ run() { # bin mode dir binindex
 	local plain=() in=/dev/null prof=()
 	[ "$2" = plain ] && plain=(--plain)
 	[ "$3" = up ] && in="$tmp/zero1g"
-	[ -n "$profdir" ] && prof=(env MPTUN_CPUPROFILE="$profdir/$4-$2-$3.prof")
+	[ -n "$profdir" ] && prof=(env MPTUN_CPUPROFILE="$profdir/$4-$2-$3-r$round.prof")
 	server "$3"
 	/usr/bin/time -f "%e %U %S" -o "$tmp/t" ip netns exec moc-c "${prof[@]}" "$1" connect "${plain[@]}" --uplink cli0 10.91.1.1:5000 <"$in" >/dev/null 2>"$tmp/err" ||
 		{ echo "option-cost: $1 $2 $3 failed:" >&2; tail -5 "$tmp/err" >&2; return 1; }
 	echo "$1 $2 $3 $(cat "$tmp/t")" | tee -a "$tmp/all"
 }
 case $dirs in both) dl="up down" ;; *) dl=$dirs ;; esac
-for r in $(seq "$rounds"); do
+for round in $(seq "$rounds"); do
 	for d in $dl; do
 		for i in "${!bins[@]}"; do
 			run "${bins[$i]}" mptcp "$d" "$i"

@@ -101,6 +101,10 @@ func iperf3Transfer(ctx context.Context, env Env, o iperf3Opts) ([]byte, error) 
 	sctx, scancel := context.WithCancel(ctx)
 	defer scancel()
 	srv := env.Topo.Server.Command(sctx, srvArgs[0], srvArgs[1:]...)
+	// The server's own words explain a refused connection (seen once on
+	// scenario 7: kernel MPTCP download refused for 10 s).
+	var srvOut lab.SyncBuffer
+	srv.Stdout, srv.Stderr = &srvOut, &srvOut
 	if err := srv.Start(); err != nil {
 		return nil, fmt.Errorf("iperf3 server: %w", err)
 	}
@@ -123,7 +127,7 @@ func iperf3Transfer(ctx context.Context, env Env, o iperf3Opts) ([]byte, error) 
 		}
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) || time.Now().After(deadline) || ctx.Err() != nil || !refused(out) {
-			return out, fmt.Errorf("iperf3 client %v: %w: %s", cliArgs, err, iperfError(out))
+			return out, fmt.Errorf("iperf3 client %v: %w: %s (server: %q)", cliArgs, err, iperfError(out), lastLines(srvOut.String(), 5))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

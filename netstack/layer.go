@@ -628,7 +628,9 @@ func (l *Layer) rewriteHeaders(sc *outScratch, pkt *stack.PacketBuffer, ip ipInf
 	// padded with NOPs to the old length.
 	newTCPLen = max(newTCPLen, oldTCPLen)
 	grow := newTCPLen - oldTCPLen
-	if grow > pkt.AvailableHeaderBytes() || len(pkt.LinkHeader().Slice()) != 0 {
+	// No link header yet (HeaderSize is what was pushed: IP and TCP; this
+	// avoids a PullUp per segment).
+	if grow > pkt.AvailableHeaderBytes() || pkt.HeaderSize() != len(nh)+len(tcp) {
 		return nil, false
 	}
 
@@ -669,10 +671,14 @@ func (l *Layer) rewriteHeaders(sc *outScratch, pkt *stack.PacketBuffer, ip ipInf
 			np = pkt.Clone()
 			dst = np
 		}
-		b = b[copy(dst.LinkHeader().Push(grow), b):]
+		lh := dst.LinkHeader().Push(grow)
+		b = b[copy(lh, b):]
 		// Push may have given the packet its own copy of the header bytes
 		// (copy-on-write, always so for a clone); the payload stays shared.
-		nh, tcp = dst.NetworkHeader().Slice(), dst.TransportHeader().Slice()
+		// Usually the headroom is in front of the old headers, in place.
+		if ext := lh[:cap(lh)]; len(ext) < grow+len(nh) || &ext[grow] != &nh[0] {
+			nh, tcp = dst.NetworkHeader().Slice(), dst.TransportHeader().Slice()
+		}
 	}
 	b = b[copy(nh, b):]
 	copy(tcp, b)

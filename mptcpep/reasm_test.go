@@ -389,6 +389,7 @@ func FuzzReassembly(f *testing.F) {
 	f.Add([]byte{0, 0, 0, 10, 0, 0, 10, 10, 2, 255, 0, 0})
 	f.Add([]byte{0, 0, 50, 40, 0, 0, 0, 60, 1, 0, 100, 0, 2, 200, 0, 0})
 	f.Add([]byte{3, 1, 0, 0, 0, 0, 200, 255, 0, 0, 0, 255, 2, 255, 0, 0})
+	f.Add([]byte{1, 0, 40, 20, 3, 1, 30, 10, 3, 1, 200, 255, 2, 255, 0, 0, 3, 1, 255, 255})
 	f.Fuzz(func(t *testing.T, script []byte) {
 		const total = 4096
 		const window = 1500
@@ -423,6 +424,54 @@ func FuzzReassembly(f *testing.F) {
 				out = append(out, buf[:n]...)
 				m.readOff += n
 			case 3:
+				if arg[0]%8 == 1 {
+					// An in-place read: reserve at rcv_nxt, a reinjected
+					// copy of the same and following bytes arrives
+					// meanwhile (the reserved part is a duplicate), then
+					// the first n reserved bytes are committed.
+					want := min(int(arg[1])*8+1, total-m.rcvOff)
+					parts := r.Reserve(nil, isn+uint64(m.rcvOff), want)
+					resvOff, resvLen := m.rcvOff, 0
+					for _, b := range parts {
+						resvLen += len(b)
+					}
+					require.LessOrEqual(t, resvLen, want)
+					for p := resvOff; p < resvOff+resvLen; p++ {
+						require.False(t, m.have[p])
+					}
+					if resvLen > 0 {
+						if end := min(resvOff+resvLen+int(arg[2]), total); end > resvOff {
+							added, err := r.Insert(isn+uint64(resvOff), stream[resvOff:end])
+							if errors.Is(err, ErrTooManySegments) {
+								require.Zero(t, added) // dropped whole
+							} else {
+								wantAdded, dropped := 0, false
+								for p := resvOff + resvLen; p < end; p++ {
+									a, d := m.insert(p, 1)
+									wantAdded += a
+									dropped = dropped || d
+								}
+								require.Equal(t, wantAdded, added)
+								require.Equal(t, dropped, err != nil, "err %v", err)
+							}
+						}
+					}
+					n := min(int(arg[2]), resvLen)
+					var w vecWriter
+					w.reset(parts)
+					_, _ = w.Write(stream[resvOff : resvOff+n])
+					r.Commit(n)
+					for p := resvOff; p < resvOff+n; p++ {
+						m.have[p] = true
+					}
+					for m.rcvOff < total && m.have[m.rcvOff] {
+						m.rcvOff++
+					}
+					if m.finOff >= 0 && m.rcvOff > m.finOff {
+						m.rcvOff = m.finOff
+					}
+					break
+				}
 				if finSet || arg[0]%8 != 0 {
 					continue
 				}

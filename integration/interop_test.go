@@ -118,7 +118,7 @@ func mpiConnectToKernel(t *testing.T, size int64, checksum bool) {
 	stopSS := mpiWatchSS(tp.srv, net.JoinHostPort(mpiSrvAddr(0), strconv.Itoa(mpiPort)))
 	start := time.Now()
 	p := mpiStart(ctx, t, tp.cli, upPath, downPath, "connect", "--uplink", "cli0", "--uplink", "cli1", "--stats",
-		net.JoinHostPort(mpiSrvAddr(0), strconv.Itoa(mpiPort)))
+		"--stats-every", "500ms", net.JoinHostPort(mpiSrvAddr(0), strconv.Itoa(mpiPort)))
 	err := p.wait(t, 50*time.Second)
 	elapsed := time.Since(start)
 	ssOut := stopSS()
@@ -141,6 +141,11 @@ func mpiConnectToKernel(t *testing.T, size int64, checksum bool) {
 	require.Equal(t, checksum, st.Conn.Checksum, "DSS checksums as the kernel asked")
 	require.Len(t, st.Conn.Subflows, 2, "one subflow per uplink: %+v", st.Conn.Subflows)
 	mpiRequirePathsCarried(t, st, size, size)
+	// --stats-every: live lines for each subflow while it ran.
+	for _, sf := range st.Conn.Subflows {
+		require.Contains(t, p.stderr.String(), fmt.Sprintf("subflow %v->%v established", sf.Local, sf.Remote),
+			"no --stats-every line for %v", sf.Local)
+	}
 
 	d := mpiDelta(before, mpiNetstat(t, tp.srv))
 	require.GreaterOrEqual(t, d["MPCapableSYNRX"], uint64(1), "%v", d)

@@ -80,7 +80,9 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	if err != nil {
 		return err
 	}
+	stopStats := startStatsWatch(ctx, stderr, cf.every, conn.Stats)
 	err = pipe(ctx, conn, stdin, stdout)
+	stopStats()
 	if cf.stats {
 		printStats(stderr, conn, eng.ep)
 	}

@@ -60,7 +60,9 @@ func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 			return err
 		}
 		log.Info("accepted", "remote", conn.RemoteAddr(), "mptcp", conn.MultipathTCP())
+		stopStats := startStatsWatch(ctx, stderr, cf.every, conn.Stats)
 		err = pipe(ctx, conn, in, stdout)
+		stopStats()
 		if cf.stats {
 			printStats(stderr, conn, eng.ep)
 		}

@@ -41,6 +41,7 @@ common flags:
   --checksum        request DSS checksums
   --log-level L     debug, info, warn (default), error
   --stats           print connection statistics and MPTCP counters to stderr at the end
+  --stats-every D   print per-subflow rates, RTT and cwnd to stderr every D (e.g. 1s)
 `
 
 func main() {

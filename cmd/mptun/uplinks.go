@@ -42,6 +42,7 @@ type commonFlags struct {
 	checksum bool
 	logLevel string
 	stats    bool
+	every    time.Duration
 	mtu      int
 }
 
@@ -50,6 +51,7 @@ func (c *commonFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.checksum, "checksum", false, "request DSS checksums")
 	fs.StringVar(&c.logLevel, "log-level", "warn", "log level")
 	fs.BoolVar(&c.stats, "stats", false, "print statistics at the end")
+	fs.DurationVar(&c.every, "stats-every", 0, "print per-subflow rates, RTT and cwnd to stderr this often (0: never)")
 	fs.IntVar(&c.mtu, "mtu", 0, "TUN MTU (0: the uplink's)")
 }
 

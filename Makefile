@@ -13,12 +13,13 @@ GOTEST_FLAGS ?= -count=1 -timeout 25m
 ISOLATE     ?= 1
 FUZZTIME    ?= 30s
 
-.PHONY: help all build deps vet fmt-check check test test-unit fuzz bench cleanup clean demo
+.PHONY: help all build deps vet fmt-check check test test-unit test-race fuzz bench cleanup clean demo
 
 help:
 	@echo 'make build        go build ./... and bin/mptun'
 	@echo 'make test         deps (root), vet, gofmt check, go test $(PKGS) (isolated when root), cleanup'
 	@echo 'make test-unit    fast tests needing no root (go test -short)'
+	@echo 'make test-race    the engine, option layer and command under the race detector (~2 min, no root)'
 	@echo 'make fuzz         every Fuzz target for FUZZTIME=$(FUZZTIME)'
 	@echo 'make bench        lab scenarios (root); SCENARIO=3, BENCH_DURATION=10s'
 	@echo 'make demo         bonding demo in namespaces (root): iperf3 through mptun client/server vs each uplink'
@@ -60,6 +61,12 @@ test: deps vet fmt-check
 
 test-unit:
 	bash scripts/test-unit.sh
+
+# The concurrent core under -race: the subflow readers, WriteTo and the
+# option layer share buffers outside the connection lock. Not part of
+# `make test` (it doubles the engine's test time); run it after changes there.
+test-race:
+	$(GO) test -race -count=1 -timeout 15m ./mptcpep/... ./netstack/... ./cmd/mptun/
 
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh

@@ -292,6 +292,19 @@ func TestParseConnectStats(t *testing.T) {
 
 	_, err = parseConnectStats("mptun connect: dial: refused\n")
 	require.ErrorContains(t, err, "no --stats JSON")
+
+	// --stats-every lines before the JSON are kept as samples and do not
+	// disturb it.
+	withSamples := "stats t=0.5s conn tx=1.0Mbit/s rx=0.0Mbit/s reinjected=0\n" +
+		"stats t=0.5s subflow 198.18.0.2:1->10.0.0.1:80 established rtt=1.0ms cwnd=10 tx=1.0Mbit/s rx=0.0Mbit/s retrans=0\n" + stderr
+	require.Equal(t, []string{
+		"stats t=0.5s conn tx=1.0Mbit/s rx=0.0Mbit/s reinjected=0",
+		"stats t=0.5s subflow 198.18.0.2:1->10.0.0.1:80 established rtt=1.0ms cwnd=10 tx=1.0Mbit/s rx=0.0Mbit/s retrans=0",
+	}, sampleLines(withSamples))
+	st, err = parseConnectStats(withSamples)
+	require.NoError(t, err)
+	require.Len(t, st.Conn.Subflows, 2)
+	require.Empty(t, sampleLines(stderr))
 }
 
 func TestComparisonAndIssue2Tables(t *testing.T) {

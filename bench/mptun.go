@@ -48,7 +48,24 @@ type mptunExtra struct {
 	// PeerMIB is the kernel peer namespace's nonzero MPTcpExt counters.
 	PeerMIB string `json:"peer_mib,omitempty"`
 	Stats   any    `json:"stats,omitempty"`
-	Stderr  string `json:"stderr,omitempty"`
+	// Samples are mptun's --stats-every lines: per-subflow rate, RTT and
+	// cwnd every half second (what showed a subflow stuck below its share).
+	Samples []string `json:"samples,omitempty"`
+	Stderr  string   `json:"stderr,omitempty"`
+}
+
+// statsEvery is how often `mptun connect` samples its subflows in a run.
+const statsEvery = "500ms"
+
+// sampleLines returns the --stats-every lines of mptun's stderr.
+func sampleLines(stderr string) []string {
+	var out []string
+	for _, l := range strings.Split(stderr, "\n") {
+		if strings.HasPrefix(l, "stats t=") {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // tunnelWebAddr is the "host behind the concentrator": an address on lo of
@@ -155,7 +172,7 @@ func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool) ([
 	if plain {
 		args = append(append(args, "--plain"), uplinkArgs(env.Topo, 1)...)
 	} else {
-		args = append(append(args, "--stats"), uplinkArgs(env.Topo, len(env.Topo.Paths))...)
+		args = append(append(args, "--stats", "--stats-every", statsEvery), uplinkArgs(env.Topo, len(env.Topo.Paths))...)
 	}
 	cmd := env.Topo.Client.Command(ctx, cfg.MptunBin, append(args, dst)...)
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
@@ -270,6 +287,7 @@ func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool) ([
 			return nil, err
 		}
 		extra.MPTCP, extra.Subflows, extra.Stats = st.Conn.MPTCP, len(st.Conn.Subflows), st
+		extra.Samples = sampleLines(stderr.String())
 		for _, sf := range st.Conn.Subflows {
 			extra.Retrans += sf.Retransmits
 		}

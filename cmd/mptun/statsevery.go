@@ -67,18 +67,24 @@ func statsLines(prev, cur mptcpep.ConnStats, dt, since time.Duration) []string {
 		}
 		return float64(now-before) * 8 / secs / 1e6
 	}
-	lines := make([]string, 0, len(cur.Subflows)+1)
-	lines = append(lines, fmt.Sprintf("stats t=%.1fs conn tx=%.1fMbit/s rx=%.1fMbit/s reinjected=%d",
-		since.Seconds(), rate(cur.BytesSent, prev.BytesSent), rate(cur.BytesReceived, prev.BytesReceived), cur.Reinjected))
+	// The connection line sums the subflows: the bonded rate on the wire
+	// (ConnStats.BytesSent counts what the application handed over, which
+	// runs ahead of the wire while the send buffer fills).
+	lines := make([]string, 1, len(cur.Subflows)+1)
+	var tx, rx float64
 	for _, sf := range cur.Subflows {
 		p := old[key{sf.Local.String(), sf.Remote.String()}]
 		backup := ""
 		if sf.Backup || sf.RemoteBackup {
 			backup = " backup"
 		}
+		stx, srx := rate(sf.BytesSent, p.BytesSent), rate(sf.BytesReceived, p.BytesReceived)
+		tx, rx = tx+stx, rx+srx
 		lines = append(lines, fmt.Sprintf("stats t=%.1fs subflow %v->%v %s%s rtt=%.1fms cwnd=%d tx=%.1fMbit/s rx=%.1fMbit/s retrans=%d",
 			since.Seconds(), sf.Local, sf.Remote, sf.State, backup, float64(sf.RTT)/float64(time.Millisecond), sf.Cwnd,
-			rate(sf.BytesSent, p.BytesSent), rate(sf.BytesReceived, p.BytesReceived), sf.Retransmits))
+			stx, srx, sf.Retransmits))
 	}
+	lines[0] = fmt.Sprintf("stats t=%.1fs conn tx=%.1fMbit/s rx=%.1fMbit/s reinjected=%d",
+		since.Seconds(), tx, rx, cur.Reinjected)
 	return lines
 }

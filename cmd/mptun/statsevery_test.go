@@ -37,6 +37,19 @@ func TestStatsLines(t *testing.T) {
 			},
 		},
 		{
+			// The connection line is the wire: the sum of the subflows,
+			// not what the application handed over (BytesSent).
+			name: "connection sums its subflows",
+			prev: mptcpep.ConnStats{BytesSent: 0, Subflows: []mptcpep.SubflowStats{a, b}},
+			cur:  mptcpep.ConnStats{BytesSent: 9_000_000, Subflows: []mptcpep.SubflowStats{withBytes(a, 1_000_000, 0), withBytes(b, 500_000, 0)}},
+			dt:   time.Second,
+			wantSubstr: []string{
+				"conn tx=12.0Mbit/s rx=0.0Mbit/s",
+				"subflow 10.0.0.2:4000->10.0.0.1:80 established rtt=21.5ms cwnd=90 tx=8.0Mbit/s",
+				"subflow 10.0.1.2:4001->10.0.0.1:80 established backup rtt=21.5ms cwnd=90 tx=4.0Mbit/s",
+			},
+		},
+		{
 			name: "a new subflow counts from zero",
 			prev: mptcpep.ConnStats{Subflows: []mptcpep.SubflowStats{a}},
 			cur:  mptcpep.ConnStats{BytesReceived: 500_000, Subflows: []mptcpep.SubflowStats{a, withBytes(b, 0, 500_000)}},

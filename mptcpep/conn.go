@@ -954,11 +954,11 @@ type ConnStats struct {
 	LocalToken    uint32
 	RemoteToken   uint32
 	Checksum      bool
-	BytesSent     uint64
-	BytesReceived uint64
-	Reinjected    uint64
-	SendBuffered  int
-	RecvBuffered  int
+	BytesSent     uint64 // accepted from the application (Write, ReadFrom), not yet necessarily on the wire
+	BytesReceived uint64 // delivered by the subflows into the reassembly, duplicates included
+	Reinjected    uint64 // bytes sent again on another subflow
+	SendBuffered  int    // not yet acknowledged by DATA_ACK
+	RecvBuffered  int    // in the reassembly, not yet read
 	DataFinSent   bool
 	DataFinAcked  bool
 	DataFinRecv   bool

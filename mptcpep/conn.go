@@ -649,23 +649,26 @@ func (c *Conn) Read(p []byte) (int, error) {
 			c.wakeReadersLocked()
 			return n, nil
 		}
-		if c.rcv.EOF() {
-			c.kickLocked() // the run goroutine finishes the connection
-			return 0, io.EOF
-		}
-		if c.err != nil {
-			if c.err == io.EOF {
-				return 0, io.EOF
-			}
-			return 0, c.err
-		}
-		if c.readClosed {
-			return 0, ErrClosed
+		if err := c.readEndLocked(); err != nil {
+			return 0, err
 		}
 		if err := c.waitLocked(c.readDeadline); err != nil {
 			return 0, err
 		}
 	}
+}
+
+// readEndLocked is why Read and WriteTo, with nothing readable, get no
+// more data (io.EOF at the end of the stream), or nil to wait for it.
+func (c *Conn) readEndLocked() error {
+	if c.rcv.EOF() {
+		c.kickLocked() // the run goroutine finishes the connection
+		return io.EOF
+	}
+	if c.readClosed && c.err == nil {
+		return ErrClosed
+	}
+	return c.err
 }
 
 // wakeReadersLocked wakes subflow readers that wait for room in the

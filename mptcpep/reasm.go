@@ -3,6 +3,7 @@ package mptcpep
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"sync"
@@ -166,12 +167,7 @@ func (r *reassembly) Insert(dsn uint64, data []byte) (int, error) {
 
 	// The limit is relative to rcvOff here, so a DSN far away cannot
 	// overflow the offset arithmetic.
-	limitErr := ErrBeyondWindow
-	limit := r.readOff + uint64(r.window) - r.rcvOff
-	if r.finSet && r.finOff-r.rcvOff < limit {
-		limit = r.finOff - r.rcvOff
-		limitErr = ErrDataAfterFin
-	}
+	limit, limitErr := r.acceptLimit()
 	var err error
 	if uint64(d)+uint64(len(data)) > limit {
 		keep := 0
@@ -273,10 +269,7 @@ func (r *reassembly) Reserve(dst [][]byte, dsn uint64, want int) [][]byte {
 	if r.resv || r.finReached || dsn != r.isn+r.rcvOff {
 		return dst
 	}
-	limit := r.readOff + uint64(r.window) - r.rcvOff
-	if r.finSet {
-		limit = min(limit, r.finOff-r.rcvOff)
-	}
+	limit, _ := r.acceptLimit()
 	if len(r.ooo) > 0 {
 		limit = min(limit, r.ooo[0].start-r.rcvOff)
 	}
@@ -284,7 +277,25 @@ func (r *reassembly) Reserve(dst [][]byte, dsn uint64, want int) [][]byte {
 	if end == r.rcvOff {
 		return dst
 	}
-	for off := r.rcvOff; off < end; {
+	r.resv, r.resvEnd = true, end
+	return r.appendBlocks(dst, r.rcvOff, end, math.MaxInt)
+}
+
+// acceptLimit is how many bytes from rcv_nxt the reassembly may take: up
+// to the window's end, or the DATA_FIN if that comes first (limitErr says
+// which).
+func (r *reassembly) acceptLimit() (limit uint64, limitErr error) {
+	limit, limitErr = r.readOff+uint64(r.window)-r.rcvOff, ErrBeyondWindow
+	if r.finSet && r.finOff-r.rcvOff < limit {
+		limit, limitErr = r.finOff-r.rcvOff, ErrDataAfterFin
+	}
+	return limit, limitErr
+}
+
+// appendBlocks appends to dst the storage of stream offsets [off, end),
+// one slice per block, at most max slices; missing blocks are allocated.
+func (r *reassembly) appendBlocks(dst [][]byte, off, end uint64, max int) [][]byte {
+	for off < end && len(dst) < max {
 		slot := int((off / reasmBlockSize) % uint64(len(r.slots)))
 		if r.slots[slot] == nil {
 			r.slots[slot] = r.newBlock()
@@ -294,7 +305,6 @@ func (r *reassembly) Reserve(dst [][]byte, dsn uint64, want int) [][]byte {
 		dst = append(dst, r.slots[slot][o:o+n:o+n])
 		off += n
 	}
-	r.resv, r.resvEnd = true, end
 	return dst
 }
 
@@ -375,15 +385,7 @@ func (r *reassembly) Peek() []byte {
 // up to max slices, one per block, without copying; like Peek's, they are
 // valid until the next Discard, Read or Trim.
 func (r *reassembly) PeekBlocks(dst [][]byte, max int) [][]byte {
-	off, end := r.readOff, r.rcvOff
-	for off < end && len(dst) < max {
-		blk := r.slots[(off/reasmBlockSize)%uint64(len(r.slots))]
-		o := off % reasmBlockSize
-		n := min(end-off, reasmBlockSize-o)
-		dst = append(dst, blk[o:o+n:o+n])
-		off += n
-	}
-	return dst
+	return r.appendBlocks(dst, r.readOff, r.rcvOff, max)
 }
 
 // Discard consumes up to n in-order bytes and returns how many it

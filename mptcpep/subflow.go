@@ -207,15 +207,14 @@ func (sf *subflow) reader() {
 		if done {
 			return
 		}
-		var res tcpip.ReadResult
-		if inPlace > 0 {
-			res, err = sf.ep.Read(&vw, tcpip.ReadOptions{})
-			c.commit(sf, res.Count)
-			vw.release()
-		} else {
-			w := writerTo{b: buf[:room]}
-			res, err = sf.ep.Read(&w, tcpip.ReadOptions{})
+		if inPlace == 0 {
+			vw.reset(append(vw.bufs[:0], buf[:room]))
 		}
+		res, err := sf.ep.Read(&vw, tcpip.ReadOptions{})
+		if inPlace > 0 {
+			c.commit(sf, res.Count)
+		}
+		vw.release()
 		if err != nil {
 			if _, ok := err.(*tcpip.ErrWouldBlock); ok {
 				select {
@@ -245,25 +244,11 @@ func (sf *subflow) reader() {
 
 var errSubflowEOF = errors.New("subflow closed by peer")
 
-// writerTo collects what gVisor's Read hands out into a fixed buffer.
-type writerTo struct {
-	b []byte
-	n int
-}
-
-func (w *writerTo) Write(p []byte) (int, error) {
-	n := copy(w.b[w.n:], p)
-	w.n += n
-	if n < len(p) {
-		return n, errShortBuffer
-	}
-	return n, nil
-}
-
 var errShortBuffer = errors.New("short buffer")
 
-// vecWriter collects what gVisor's Read hands out into a list of buffers
-// (a reservation in the reassembly, one slice per block).
+// vecWriter collects what gVisor's Read hands out into a list of buffers:
+// a reservation in the reassembly (one slice per block) or the reader's
+// own buffer.
 type vecWriter struct {
 	bufs [][]byte
 	size int // total length of bufs

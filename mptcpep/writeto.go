@@ -48,18 +48,11 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 			}
 			continue
 		}
-		if c.rcv.EOF() {
-			c.kickLocked() // the run goroutine finishes the connection
-			return total, nil
-		}
-		if c.err != nil {
-			if c.err == io.EOF {
-				return total, nil
+		if err := c.readEndLocked(); err != nil {
+			if err == io.EOF {
+				err = nil // io.WriterTo ends at EOF without an error
 			}
-			return total, c.err
-		}
-		if c.readClosed {
-			return total, ErrClosed
+			return total, err
 		}
 		if err := c.waitLocked(c.readDeadline); err != nil {
 			return total, err

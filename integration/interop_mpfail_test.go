@@ -1,9 +1,9 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -196,42 +196,9 @@ func mpfKernelSends(t *testing.T) {
 // application had written (tcpdump of mpfail-kernel-sends.pcap with
 // MPI_PCAP_DIR set); mptun received exactly what went on the wire.
 func mpfSendDrainThenClose(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
-	var r mpiPeerResult
-	mp, err := conn.MultipathTCP()
-	if err != nil {
-		r.err = fmt.Errorf("MultipathTCP: %w", err)
-		return r
-	}
-	r.mptcp = mp
-	type recvd struct {
-		b   []byte
-		err error
-	}
-	rc := make(chan recvd, 1)
-	go func() {
-		b, err := io.ReadAll(conn)
-		rc <- recvd{b, err}
-	}()
-	sent := sha256.New()
-	_, serr := io.CopyN(conn, io.TeeReader(mpiData(seed), sent), size)
-	r.sentSHA = mpiHex(sent)
-	if serr == nil {
-		serr = mpfWaitSendQueueEmpty(conn, 10*time.Second)
-	}
-	if serr == nil {
-		serr = conn.CloseWrite()
-	}
-	got := <-rc
-	r.recv, r.received = got.b, int64(len(got.b))
-	rh := sha256.New()
-	rh.Write(got.b)
-	r.recvSHA = mpiHex(rh)
-	if got.err != nil {
-		r.err = fmt.Errorf("receive after %d bytes: %w", r.received, got.err)
-	}
-	if serr != nil {
-		r.err = errors.Join(r.err, fmt.Errorf("send: %w", serr))
-	}
+	var buf bytes.Buffer
+	r := mpiExchangeTo(conn, seed, size, &buf, true)
+	r.recv = buf.Bytes()
 	return r
 }
 
@@ -265,13 +232,10 @@ func mpfWaitSendQueueEmpty(conn *net.TCPConn, d time.Duration) error {
 // mpfRespondAfterUpload is the Linux server of mpfMptunSends: it reads the
 // whole upload, then sends its own stream and half-closes (see there why).
 func mpfRespondAfterUpload(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
-	var r mpiPeerResult
-	mp, err := conn.MultipathTCP()
-	if err != nil {
-		r.err = fmt.Errorf("MultipathTCP: %w", err)
+	r, ok := mpiNewPeerResult(conn)
+	if !ok {
 		return r
 	}
-	r.mptcp = mp
 	r.recv = make([]byte, size)
 	n, err := io.ReadFull(conn, r.recv)
 	r.received = int64(n)

@@ -43,32 +43,45 @@ type mpiPeerResult struct {
 // mpiExchange sends size bytes of mpiData(seed) on conn (then half-closes)
 // while reading everything conn delivers; it returns when both are done.
 func mpiExchange(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
-	return mpiExchangeTo(conn, seed, size, nil)
+	return mpiExchangeTo(conn, seed, size, nil, false)
 }
 
 // mpiExchangeKeep is mpiExchange that also keeps the received bytes (in
 // recv): for small transfers whose content is checked byte by byte.
 func mpiExchangeKeep(conn *net.TCPConn, seed uint64, size int64) mpiPeerResult {
 	var buf bytes.Buffer
-	r := mpiExchangeTo(conn, seed, size, &buf)
+	r := mpiExchangeTo(conn, seed, size, &buf, false)
 	r.recv = buf.Bytes()
 	return r
 }
 
-// mpiExchangeTo is mpiExchange copying the received bytes to keep as well
-// (nil: hash only).
-func mpiExchangeTo(conn *net.TCPConn, seed uint64, size int64, keep io.Writer) mpiPeerResult {
-	var r mpiPeerResult
+// mpiNewPeerResult starts a peer's result with whether conn is MPTCP; ok
+// is false (r.err set) when the socket cannot tell.
+func mpiNewPeerResult(conn *net.TCPConn) (r mpiPeerResult, ok bool) {
 	mp, err := conn.MultipathTCP()
 	if err != nil {
 		r.err = fmt.Errorf("MultipathTCP: %w", err)
-		return r
+		return r, false
 	}
 	r.mptcp = mp
+	return r, true
+}
+
+// mpiExchangeTo is mpiExchange copying the received bytes to keep as well
+// (nil: hash only). With drain, it half-closes only once the kernel's
+// send queue is empty (see mpfSendDrainThenClose).
+func mpiExchangeTo(conn *net.TCPConn, seed uint64, size int64, keep io.Writer, drain bool) mpiPeerResult {
+	r, ok := mpiNewPeerResult(conn)
+	if !ok {
+		return r
+	}
 	sendErr := make(chan error, 1)
 	sent := sha256.New()
 	go func() {
 		_, err := io.CopyN(conn, io.TeeReader(mpiData(seed), sent), size)
+		if err == nil && drain {
+			err = mpfWaitSendQueueEmpty(conn, 10*time.Second)
+		}
 		if err == nil {
 			err = conn.CloseWrite()
 		}

@@ -108,7 +108,7 @@ func run() error {
 	if err := os.MkdirAll(filepath.Join(dir, "raw"), 0o755); err != nil {
 		return fmt.Errorf("results dir: %w", err)
 	}
-	r := &runner{dir: dir, log: log, progress: os.Stderr, dirs: dirs, impls: implConfig{MptunBin: bin, Self: self}}
+	r := &runner{dir: dir, log: log, progress: os.Stderr, dirs: dirs, impls: implConfig{MptunBin: bin, Self: self, LogDir: filepath.Join(dir, "raw")}}
 	if *implFlag != "" {
 		want := strings.Split(*implFlag, ",")
 		r.implFilter = func(name string) bool {

@@ -30,6 +30,10 @@ type implConfig struct {
 	MptunBin string
 	// Self is the bench binary, re-executed as the kernel peer (mpsink).
 	Self string
+	// LogDir keeps the whole stderr of every tunnel daemon (raw/ of the
+	// results directory): a crash's full stack trace must survive the run.
+	// Empty: a temporary directory.
+	LogDir string
 }
 
 // mptunExtra is added to the iperf3-compatible JSON of mptun transfers:
@@ -430,23 +434,49 @@ func parseProcPidStat(raw []byte) (float64, error) {
 
 // daemon is a long-running mptun process (tunnel client or server).
 type daemon struct {
-	cmd    *exec.Cmd
-	stderr *lab.SyncBuffer
-	done   chan struct{}
-	err    error
+	cmd     *exec.Cmd
+	stderr  *lab.SyncBuffer
+	logPath string // the whole stderr, kept after the run
+	done    chan struct{}
+	err     error
 }
 
-func startDaemon(ns *lab.NS, bin string, args ...string) (*daemon, error) {
+// startDaemon runs bin in ns; its stderr is kept in memory and in the file
+// logPath (truncated first).
+func startDaemon(ns *lab.NS, logPath, bin string, args ...string) (*daemon, error) {
+	f, err := os.Create(logPath)
+	if err != nil {
+		return nil, fmt.Errorf("mptun %s: stderr log: %w", args[0], err)
+	}
 	// Not CommandContext: the daemon outlives Setup's context and is stopped
 	// by stop (SIGTERM, then SIGKILL).
 	cmd := ns.Command(context.Background(), bin, args...)
-	d := &daemon{cmd: cmd, stderr: &lab.SyncBuffer{}, done: make(chan struct{})}
-	cmd.Stderr = d.stderr
+	d := &daemon{cmd: cmd, stderr: &lab.SyncBuffer{}, logPath: logPath, done: make(chan struct{})}
+	cmd.Stderr = io.MultiWriter(d.stderr, f)
 	if err := cmd.Start(); err != nil {
+		f.Close()
 		return nil, fmt.Errorf("mptun %s: %w", args[0], err)
 	}
-	go func() { d.err = cmd.Wait(); close(d.done) }()
+	go func() { d.err = cmd.Wait(); f.Close(); close(d.done) }()
 	return d, nil
+}
+
+// diag is what an error about the daemon quotes: the whole crash report
+// (from Go's "panic:" or "fatal error:" line to the end) when it crashed,
+// its last lines otherwise, and where the whole stderr is.
+func (d *daemon) diag() string {
+	return crashReport(d.stderr.String(), 20) + "\n(whole stderr: " + d.logPath + ")"
+}
+
+// crashReport returns s from its first Go crash line on, or its last n
+// lines when it has none.
+func crashReport(s string, n int) string {
+	for _, mark := range []string{"panic: ", "fatal error: "} {
+		if i := strings.Index(s, mark); i >= 0 && (i == 0 || s[i-1] == '\n') {
+			return s[i:]
+		}
+	}
+	return lastLines(s, n)
 }
 
 func (d *daemon) exited() bool {
@@ -460,7 +490,7 @@ func (d *daemon) exited() bool {
 
 func (d *daemon) stop() error {
 	if d.exited() {
-		return fmt.Errorf("exited early: %w: %s", d.err, lastLines(d.stderr.String(), 20))
+		return fmt.Errorf("exited early: %w: %s", d.err, d.diag())
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -469,13 +499,14 @@ func (d *daemon) stop() error {
 	case <-time.After(10 * time.Second):
 		_ = d.cmd.Process.Kill()
 		<-d.done
-		return fmt.Errorf("did not exit 10 s after SIGTERM: %s", lastLines(d.stderr.String(), 20))
+		return fmt.Errorf("did not exit 10 s after SIGTERM: %s", d.diag())
 	}
 }
 
 // tunnel is the state of one mptun-tunnel topology.
 type tunnel struct {
 	dir            string
+	started        time.Time // names the daemons' stderr logs
 	server, client *daemon
 }
 
@@ -504,6 +535,7 @@ func (t *tunnel) setup(ctx context.Context, topo *lab.Topology, cfg implConfig) 
 		return fmt.Errorf("temp dir: %w", err)
 	}
 	t.dir = dir
+	t.started = time.Now()
 	key, err := exec.CommandContext(ctx, cfg.MptunBin, "genkey").Output()
 	if err != nil {
 		return fmt.Errorf("mptun genkey: %w", err)
@@ -525,7 +557,7 @@ func (t *tunnel) setup(ctx context.Context, topo *lab.Topology, cfg implConfig) 
 	for _, p := range topo.Paths {
 		args = append(args, "--uplink", p.ServerIf)
 	}
-	if t.server, err = startDaemon(topo.Server, cfg.MptunBin, args...); err != nil {
+	if t.server, err = startDaemon(topo.Server, t.logPath(cfg, "server"), cfg.MptunBin, args...); err != nil {
 		return err
 	}
 	// Ready when the port accepts (DNAT into the userspace stack is in place).
@@ -541,7 +573,7 @@ func (t *tunnel) setup(ctx context.Context, topo *lab.Topology, cfg implConfig) 
 		})
 		return ok || t.server.exited()
 	}); err != nil || t.server.exited() {
-		return fmt.Errorf("mptun server not up (%v): %s", err, lastLines(t.server.stderr.String(), 20))
+		return fmt.Errorf("mptun server not up (%v): %s", err, t.server.diag())
 	}
 	// The lab turns IPv6 off; the tunnel TUN gets an IPv6 address too.
 	// Only links created from now on (the client's TUNs) get it back.
@@ -551,7 +583,7 @@ func (t *tunnel) setup(ctx context.Context, topo *lab.Topology, cfg implConfig) 
 	args = []string{"client", "--server", srvAddr, "--key-file", keyFile, "--route", tunnelWebPrefix,
 		"--socket", t.socket()}
 	args = append(args, uplinkArgs(topo, len(topo.Paths))...)
-	if t.client, err = startDaemon(topo.Client, cfg.MptunBin, args...); err != nil {
+	if t.client, err = startDaemon(topo.Client, t.logPath(cfg, "client"), cfg.MptunBin, args...); err != nil {
 		return err
 	}
 	if err := waitFor(ctx, 20*time.Second, func() bool {
@@ -563,12 +595,22 @@ func (t *tunnel) setup(ctx context.Context, topo *lab.Topology, cfg implConfig) 
 		_, err := client.QueryControl(qctx, t.socket())
 		return err == nil
 	}); err != nil || t.client.exited() {
-		return fmt.Errorf("mptun client not up (%v): %s", err, lastLines(t.client.stderr.String(), 20))
+		return fmt.Errorf("mptun client not up (%v): %s", err, t.client.diag())
 	}
 	return nil
 }
 
 func (t *tunnel) socket() string { return filepath.Join(t.dir, "client.sock") }
+
+// logPath is where a daemon's whole stderr goes: the results' raw/ folder,
+// one file per setup and role, named by the setup's start time.
+func (t *tunnel) logPath(cfg implConfig, role string) string {
+	dir := cfg.LogDir
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	return filepath.Join(dir, fmt.Sprintf("tunnel-%s-%s.stderr", t.started.UTC().Format("150405.000"), role))
+}
 
 func waitFor(ctx context.Context, d time.Duration, ok func() bool) error {
 	deadline := time.Now().Add(d)
@@ -618,8 +660,7 @@ func (t *tunnel) daemonsCPU() (float64, error) {
 
 func (t *tunnel) transfer(ctx context.Context, env Env) ([]byte, error) {
 	if t.client.exited() || t.server.exited() {
-		return nil, fmt.Errorf("tunnel process exited: client %s server %s",
-			lastLines(t.client.stderr.String(), 10), lastLines(t.server.stderr.String(), 10))
+		return nil, fmt.Errorf("tunnel process exited: client %s server %s", t.client.diag(), t.server.diag())
 	}
 	cpu0, err := t.daemonsCPU()
 	if err != nil {

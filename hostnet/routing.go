@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -25,6 +26,12 @@ func (h *Host) resolveUplink(i int, spec UplinkSpec) (*Uplink, error) {
 		}
 		return nil, fmt.Errorf("uplink %s: look up interface: %w", spec.Iface, err)
 	}
+	if link.Attrs().Flags&net.FlagLoopback != 0 {
+		// An address on lo (a multi-homed host's one address) is reached
+		// through the host's real interfaces: those are the uplinks.
+		return nil, fmt.Errorf("uplink %s: a loopback interface carries no traffic from other hosts: "+
+			"give --uplink for each interface your peers reach this host through (%s)", spec.Iface, h.uplinkCandidates())
+	}
 	addrs, err := h.nl.AddrList(link, netlink.FAMILY_V4)
 	if err != nil {
 		return nil, fmt.Errorf("uplink %s: list addresses: %w", spec.Iface, err)
@@ -42,7 +49,9 @@ func (h *Host) resolveUplink(i int, spec UplinkSpec) (*Uplink, error) {
 		linkIndex:    link.Attrs().Index,
 	}
 	if u.MTU == 0 {
-		u.MTU = link.Attrs().MTU
+		// A TUN takes at most 65535 (an IP packet's limit); some links
+		// report more (65536 on lo, jumbo virtual links).
+		u.MTU = min(link.Attrs().MTU, maxTUNMTU)
 	}
 	if spec.Via.IsValid() {
 		u.Gateway = spec.Via
@@ -55,6 +64,34 @@ func (h *Host) resolveUplink(i int, spec UplinkSpec) (*Uplink, error) {
 	}
 	u.Gateway = pickGateway(routes, u.linkIndex)
 	return u, nil
+}
+
+// maxTUNMTU is the largest MTU a TUN device accepts.
+const maxTUNMTU = 65535
+
+// uplinkCandidates names the interfaces that are up, not loopback and hold
+// a global IPv4 address, for an error that tells the user what to pass.
+func (h *Host) uplinkCandidates() string {
+	links, err := h.nl.LinkList()
+	if err != nil {
+		return "list interfaces: " + err.Error()
+	}
+	var names []string
+	for _, l := range links {
+		a := l.Attrs()
+		if a.Flags&net.FlagLoopback != 0 || a.Flags&net.FlagUp == 0 {
+			continue
+		}
+		if addrs, err := h.nl.AddrList(l, netlink.FAMILY_V4); err == nil {
+			if _, ok := firstGlobalV4(addrs); ok {
+				names = append(names, a.Name)
+			}
+		}
+	}
+	if len(names) == 0 {
+		return "no interface here is up with a global IPv4 address"
+	}
+	return "candidates here: " + strings.Join(names, ", ")
 }
 
 func firstGlobalV4(addrs []netlink.Addr) (netip.Prefix, bool) {

@@ -2,6 +2,7 @@ package hostnet
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -172,6 +173,18 @@ func TestSetupFailureLeavesNothing(t *testing.T) {
 			},
 			uplinks: []UplinkSpec{{Iface: "c0"}, {Iface: "d0"}},
 			wantErr: "uplink d0: no IPv4 address",
+		},
+		{
+			// A multi-homed server's address on lo: packets for it arrive
+			// on the real interfaces, which the error names.
+			name: "loopback uplink",
+			prepare: func(t *testing.T, tp *topo) {
+				lo, err := tp.cnl.LinkByName("lo")
+				require.NoError(t, err)
+				require.NoError(t, tp.cnl.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 77, 0, 1), Mask: net.CIDRMask(32, 32)}}))
+			},
+			uplinks: []UplinkSpec{{Iface: "lo"}},
+			wantErr: "uplink lo: a loopback interface carries no traffic from other hosts: give --uplink for each interface your peers reach this host through (candidates here: c0, c1)",
 		},
 		{
 			// Fails after uplink c0 is fully plumbed: the second TUN's name

@@ -181,12 +181,23 @@ func TestInteropKernelToListen(t *testing.T) {
 	mpiRequireRoot(t)
 	for _, tc := range mpiTransferCases {
 		t.Run(tc.name, func(t *testing.T) {
-			mpiKernelToListen(t, tc.size, tc.checksum)
+			mpiKernelToListen(t, tc.size, tc.size, tc.checksum)
 		})
 	}
+	// mptun's stdin is at EOF: its DATA_FIN is ready at once. Sent then,
+	// it moved the Linux client to CLOSE_WAIT before its joins' SYN/ACKs
+	// came, and Linux reset both joins (mptcp_finish_join refuses a
+	// connection that left ESTABLISHED; MPRstTx 2, MPJoinSynAckRx 0). The
+	// DATA_FIN now waits for the joins and the ADD_ADDR echo.
+	t.Run("stdin-at-EOF-16MiB", func(t *testing.T) {
+		mpiKernelToListen(t, 16<<20, 0, false)
+	})
 }
 
-func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
+// mpiKernelToListen: a kernel client (with a subflow endpoint on its second
+// interface) uploads upSize bytes to `mptun listen` on two uplinks, which
+// sends downSize bytes from its stdin.
+func mpiKernelToListen(t *testing.T, upSize, downSize int64, checksum bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 55*time.Second)
 	t.Cleanup(cancel)
 	tp := mpiNewTopo(t, mpiTopoOpts{rate: "50mbit", cliChecksum: checksum})
@@ -198,7 +209,7 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	kcRun(t, "ip", "-n", tp.cli, "route", "add", "10.91.2.0/24", "dev", "cli1", "table", "102")
 
 	dir := t.TempDir()
-	downPath, downSHA := mpiWriteFile(t, dir, 3, size)
+	downPath, downSHA := mpiWriteFile(t, dir, 3, downSize)
 	upPath := filepath.Join(dir, "up")
 	start := time.Now()
 	p := mpiStart(ctx, t, tp.srv, downPath, upPath, "listen", "--uplink", "srv0", "--uplink", "srv1", "--once", "--stats",
@@ -209,7 +220,7 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	dialed := time.Since(start)
 	require.NoError(t, conn.SetDeadline(time.Now().Add(50*time.Second)))
 	stopSS := mpiWatchSS(tp.cli, dst)
-	res := mpiExchange(conn.(*net.TCPConn), 4, size)
+	res := mpiExchange(conn.(*net.TCPConn), 4, upSize)
 	elapsed := time.Since(start) - dialed
 	ssOut := stopSS()
 	conn.Close()
@@ -220,10 +231,10 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	require.NoError(t, p.wait(t, 15*time.Second), "mptun listen --once; stderr:\n%s", p.stderr)
 
 	require.True(t, res.mptcp, "kernel client socket fell back to TCP")
-	require.Equal(t, size, res.received)
+	require.Equal(t, downSize, res.received)
 	require.Equal(t, downSHA, res.recvSHA, "download (mptun -> kernel) corrupted")
 	upSHA, upN := mpiFileSHA(t, upPath)
-	require.Equal(t, size, upN)
+	require.Equal(t, upSize, upN)
 	require.Equal(t, res.sentSHA, upSHA, "upload (kernel -> mptun) corrupted")
 
 	st := mpiParseStats(t, p.stderr.String())
@@ -233,7 +244,7 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	// address.
 	require.GreaterOrEqual(t, len(st.Conn.Subflows), 2, "joins accepted: %+v", st.Conn.Subflows)
 	t.Logf("kernel client MPTcpExt counters that moved: %v; mptun MIB: %v", mpiNonZero(mpiDelta(before, mpiNetstat(t, tp.cli))), st.MIB)
-	mpiRequirePathsCarried(t, st, size, size)
+	mpiRequirePathsCarried(t, st, downSize, upSize)
 	require.GreaterOrEqual(t, st.MIB["AddAddrTX"], uint64(1), "mptun announced its second uplink: %v", st.MIB)
 
 	d := mpiDelta(before, mpiNetstat(t, tp.cli))
@@ -244,8 +255,8 @@ func mpiKernelToListen(t *testing.T, size int64, checksum bool) {
 	require.NotEmpty(t, ssOut, "ss -M in %s never listed the connection", tp.cli)
 	mpiRequireClean(t, "mptun MIB", st.MIB, mpiEngineBadCounters)
 
-	t.Logf("%d MiB each way in %v (%.1f Mbit/s per direction); subflows %+v; kernel joins %d; ss -M: %s",
-		size>>20, elapsed.Round(time.Millisecond), float64(size*8)/elapsed.Seconds()/1e6,
+	t.Logf("%d MiB up, %d MiB down in %v (%.1f Mbit/s up); subflows %+v; kernel joins %d; ss -M: %s",
+		upSize>>20, downSize>>20, elapsed.Round(time.Millisecond), float64(upSize*8)/elapsed.Seconds()/1e6,
 		st.Conn.Subflows, d["MPJoinSynAckRx"], strings.TrimSpace(ssOut))
 }
 

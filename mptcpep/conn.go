@@ -47,14 +47,17 @@ type Conn struct {
 	localKey       Key
 	remoteKey      Key
 	remoteKeyKnown bool
-	localToken     uint32
-	remoteToken    uint32
-	localIDSN      uint64
-	remoteIDSN     uint64
-	csum           bool
-	peerConfirmed  bool
-	fallback       bool
-	fb             *fallbackConn
+	// awaitKey is the accept that waits for the peer's key (see
+	// keyArrivedLocked); nil when none does.
+	awaitKey      func()
+	localToken    uint32
+	remoteToken   uint32
+	localIDSN     uint64
+	remoteIDSN    uint64
+	csum          bool
+	peerConfirmed bool
+	fallback      bool
+	fb            *fallbackConn
 	// infinite: fell back to TCP after the handshake; the meta-socket
 	// stays, with the initial subflow's sequence space as the data
 	// sequence space (an infinite mapping).
@@ -114,7 +117,8 @@ type remoteAddr struct {
 type announcement struct {
 	opt   header.AddAddr
 	tries int
-	at    time.Time
+	first time.Time // first sent
+	at    time.Time // last sent
 	acked bool
 }
 
@@ -174,6 +178,21 @@ func (c *Conn) setRemoteKeyLocked(k Key) {
 }
 
 func (c *Conn) rcvWindow() int { return c.rcvBuf }
+
+// keyArrivedLocked follows the peer's key reaching a passive initial
+// subflow late (in the data-carrying MP_CAPABLE): the mappings that came
+// before it are placed now, and an accept that waited for it goes on.
+func (c *Conn) keyArrivedLocked(sf *subflow, seg *netstack.Segment) {
+	early := sf.earlyDSS
+	sf.earlyDSS = nil
+	for i := range early {
+		c.dssInLocked(sf, seg, &early[i])
+	}
+	if f := c.awaitKey; f != nil {
+		c.awaitKey = nil
+		go f() // not under gVisor's endpoint lock, which Incoming holds
+	}
+}
 
 func (c *Conn) isDone() bool {
 	select {
@@ -236,9 +255,17 @@ func (c *Conn) start() {
 	c.lastProgress = time.Now()
 	sfs := append([]*subflow(nil), c.subflows...)
 	c.mu.Unlock()
-	c.wg.Add(2)
+	if !c.active {
+		// Before the application can close: a DATA_FIN waits for the
+		// echo of these (finHoldLocked).
+		c.announceAddrs()
+	}
+	c.wg.Add(1)
 	go func() { defer c.wg.Done(); c.run() }()
-	go func() { defer c.wg.Done(); c.pathManager() }()
+	if c.active {
+		c.wg.Add(1)
+		go func() { defer c.wg.Done(); c.pathManager() }()
+	}
 	for _, sf := range sfs {
 		c.startReader(sf)
 	}
@@ -435,6 +462,13 @@ func (c *Conn) dssInLocked(sf *subflow, seg *netstack.Segment, d *header.DSS) {
 	mib := &c.e.MIB
 	mib.DSSRX.Add(1)
 	if !c.remoteKeyKnown {
+		// Data before the key (the data-carrying MP_CAPABLE was lost):
+		// its DSN is known only once the key is. Kept for then.
+		if d.HasMapping && (d.DataLen > 0 || d.DataFin) && len(sf.earlyDSS) < maxEarlyDSS {
+			early := *d
+			early.HasDataAck = false
+			sf.earlyDSS = append(sf.earlyDSS, early)
+		}
 		return
 	}
 	if !c.peerConfirmed {

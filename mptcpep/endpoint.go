@@ -98,8 +98,27 @@ func New(st *netstack.Stack, cfg Config) *Endpoint {
 	if cfg.MaxPendingSYNs == 0 {
 		cfg.MaxPendingSYNs = 1024
 	}
-	return &Endpoint{st: st, cfg: cfg, log: cfg.Logger, tokens: make(map[uint32]*Conn), conns: make(map[*Conn]struct{}),
+	e := &Endpoint{st: st, cfg: cfg, log: cfg.Logger, tokens: make(map[uint32]*Conn), conns: make(map[*Conn]struct{}),
 		mpFailTimeout: defaultMPFailTimeout}
+	st.Mux.SetPanicHandler(e.flowPanicked)
+	return e
+}
+
+// flowPanicked ends the connection of a subflow whose option handling
+// panicked (the layer has cut the subflow off): a bug hit by one peer's
+// segments costs that connection, not the process and its other users.
+func (e *Endpoint) flowPanicked(t netstack.Tuple, f netstack.Flow, v any, stack []byte) {
+	e.MIB.FlowPanics.Add(1)
+	e.log.Error("mptcp: option handling panicked; connection aborted (please report)",
+		"subflow", t.String(), "panic", fmt.Sprint(v), "stack", string(stack))
+	if sf, ok := f.(*subflow); ok {
+		defer func() {
+			if v := recover(); v != nil {
+				e.log.Error("mptcp: abort after a panic panicked too", "subflow", t.String(), "panic", fmt.Sprint(v))
+			}
+		}()
+		sf.c.Abort()
+	}
 }
 
 // Stack returns the netstack the endpoint runs on.

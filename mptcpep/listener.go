@@ -300,20 +300,58 @@ func (l *Listener) adopt(ep tcpip.Endpoint, wq *waiter.Queue) {
 		return
 	}
 	if !c.remoteKeyKnown {
-		// The third ACK carried no MP_CAPABLE: fall back to TCP.
-		c.fallback = true
+		if len(sf.earlyDSS) > 0 {
+			// The peer sends DSS, so it has our key and will resend the
+			// lost data-carrying MP_CAPABLE: wait for it (keyArrived).
+			c.awaitKey = func() { l.established(c) }
+			c.mu.Unlock()
+			e.MIB.MPCapableKeyWait.Add(1)
+			time.AfterFunc(keyWaitTimeout, func() { l.keyTimeout(c, sf) })
+			return
+		}
 		c.mu.Unlock()
-		e.MIB.MPCapableFallbackACK.Add(1)
-		e.MIB.FallbackConns.Add(1)
-		e.st.Mux.Unregister(t)
-		e.forget(c)
-		c.fb = newFallbackConn(wq, ep)
-		l.deliver(c)
+		l.fallBack(c, sf)
 		return
 	}
-	sf.state = sfEstablished
+	c.mu.Unlock()
+	l.established(c)
+}
+
+// keyWaitTimeout bounds the wait for the data-carrying MP_CAPABLE of a
+// peer whose later data came first: several RTOs of a 600 ms path.
+const keyWaitTimeout = 10 * time.Second
+
+// established starts an accepted connection whose key is known.
+func (l *Listener) established(c *Conn) {
+	c.mu.Lock()
+	c.subflows[0].state = sfEstablished
 	c.mu.Unlock()
 	c.start()
+	l.deliver(c)
+}
+
+// keyTimeout falls back to TCP if the peer's key never came.
+func (l *Listener) keyTimeout(c *Conn, sf *subflow) {
+	c.mu.Lock()
+	waiting := c.awaitKey != nil
+	c.awaitKey = nil
+	c.mu.Unlock()
+	if waiting {
+		l.fallBack(c, sf)
+	}
+}
+
+// fallBack delivers c as plain TCP: the third ACK carried no MP_CAPABLE.
+func (l *Listener) fallBack(c *Conn, sf *subflow) {
+	e := l.e
+	c.mu.Lock()
+	c.fallback = true
+	c.mu.Unlock()
+	e.MIB.MPCapableFallbackACK.Add(1)
+	e.MIB.FallbackConns.Add(1)
+	e.st.Mux.Unregister(sf.tuple)
+	e.forget(c)
+	c.fb = newFallbackConn(sf.wq, sf.ep)
 	l.deliver(c)
 }
 

@@ -17,6 +17,8 @@ type MIB struct {
 	MPCapableFallbackACK  atomic.Uint64 // SYN/ACK or third ACK without MP_CAPABLE
 	MPCapableFallbackData atomic.Uint64 // peer answered data without DSS: fell back after the handshake
 	MPCapableBadKey       atomic.Uint64
+	FlowPanics            atomic.Uint64 // a subflow's option handling panicked: its connection was aborted
+	MPCapableKeyWait      atomic.Uint64 // accepted before the peer's key (its data-carrying MP_CAPABLE lost): waited for it
 	MPJoinSYNTX           atomic.Uint64
 	MPJoinSYNRX           atomic.Uint64
 	MPJoinSYNACKRX        atomic.Uint64

@@ -212,7 +212,12 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 			}
 		}
 	}
-	d := header.DSS{HasDataAck: true, DataAck64: true, DataAck: c.rcv.RcvNxt()}
+	// No DATA_ACK before the peer's key: a passive subflow whose third
+	// ACK was lost acknowledges TCP data before it knows the peer's IDSN.
+	d := header.DSS{HasDataAck: c.rcv != nil, DataAck64: true}
+	if c.rcv != nil {
+		d.DataAck = c.rcv.RcvNxt()
+	}
 	cover := 0
 	if seg.PayloadLen > 0 {
 		if n := int32(min(seg.PayloadLen, maxSegLen)); n > sf.maxSeg.Load() {
@@ -246,6 +251,9 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 	if d.Len() > len(opt) {
 		mib.OptionNoRoom.Add(1)
 		return 0, 0
+	}
+	if !d.HasDataAck && !d.HasMapping {
+		return 0, cover
 	}
 	if d.HasDataAck {
 		c.lastDataAckTx = d.DataAck
@@ -338,9 +346,13 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 				sf.addRxMapping(rxMapping{SSN: 1, DSN: c.remoteIDSN + 1, Len: int(r.mpc.DataLen),
 					HasCsum: r.mpc.HasChecksum, Checksum: r.mpc.Checksum})
 			}
-		} else if c.remoteKeyKnown || r.hasDSS {
+			c.keyArrivedLocked(sf, seg)
+		} else if c.remoteKeyKnown {
 			sf.state = sfEstablished
 		}
+		// A DSS without the key (later data overtook the lost
+		// data-carrying MP_CAPABLE) leaves the subflow waiting for it:
+		// without the key no DSN can be placed, and no DATA_ACK sent.
 	case sf.state == sfSynRcvd && !sf.initial:
 		if !r.hasJoinACK {
 			mib.MPJoinRejected.Add(1)

@@ -12,12 +12,9 @@ import (
 // uplinks and the peer's addresses (its initial one plus those it
 // announces) on the initiating side, re-creating subflows whose uplink
 // comes back. On the passive side it announces the endpoint's other
-// addresses with ADD_ADDR. It ends with the connection.
+// addresses with ADD_ADDR (announceAddrs, called by start). It ends with
+// the connection.
 func (c *Conn) pathManager() {
-	if !c.active {
-		c.announceAddrs()
-		return
-	}
 	type pair struct {
 		local  netip.Addr
 		remote netip.AddrPort

@@ -465,8 +465,15 @@ func (c *Conn) control() time.Time {
 			at(c.ackDueAt)
 		}
 	}
-	// DATA_FIN on a pure ACK once all data is out, until DATA_ACKed.
-	if c.writeClosed && !c.finAcked && c.sndNxt == c.snd.End() && best != nil {
+	// DATA_FIN on a pure ACK once all data is out, until DATA_ACKed; the
+	// first one waits while subflows are still being added (finHoldLocked).
+	hold := time.Time{}
+	if c.writeClosed && !c.finAcked && c.finTxAt.IsZero() {
+		hold = c.finHoldLocked(rto)
+	}
+	if !hold.IsZero() && now.Before(hold) {
+		at(hold)
+	} else if c.writeClosed && !c.finAcked && c.sndNxt == c.snd.End() && best != nil {
 		due := c.finTxAt.Add(rto << min(c.finTries, 6))
 		if c.finTxAt.IsZero() || !now.Before(due) {
 			c.finTries++
@@ -500,6 +507,9 @@ func (c *Conn) control() time.Time {
 			}
 			due := an.at.Add(2 * time.Second)
 			if an.tries == 0 || !now.Before(due) {
+				if an.tries == 0 {
+					an.first = now
+				}
 				an.tries++
 				an.at = now
 				b := make([]byte, an.opt.Len())
@@ -561,6 +571,36 @@ func (c *Conn) control() time.Time {
 		}
 	}
 	return next
+}
+
+// finHoldLocked is when a standalone DATA_FIN may go out: not while a join
+// is being made or our ADD_ADDR is unechoed, for at most max(200 ms, 2 RTT)
+// (the connection RTO) since each began. Linux refuses a join once its
+// connection has left ESTABLISHED (mptcp_finish_join), and a DATA_FIN
+// moves it to CLOSE_WAIT: a peer whose joins cross our DATA_FIN resets
+// them (MP_TCPRST). Zero: nothing holds it.
+func (c *Conn) finHoldLocked(rto time.Duration) time.Time {
+	var hold time.Time
+	later := func(t time.Time) {
+		if t = t.Add(rto); t.After(hold) {
+			hold = t
+		}
+	}
+	for _, sf := range c.subflows {
+		if !sf.initial && (sf.state == sfSynSent || sf.state == sfSynRcvd || sf.state == sfPreEstablished) {
+			later(sf.created)
+		}
+	}
+	for _, an := range c.announced {
+		switch {
+		case an.acked || an.tries >= 3:
+		case an.tries == 0:
+			later(time.Now()) // goes out in this pass
+		default:
+			later(an.first)
+		}
+	}
+	return hold
 }
 
 // ackSubflowLocked picks the subflow for control segments: the one data

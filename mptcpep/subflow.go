@@ -11,12 +11,16 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
+	"github.com/mptun/mptun/mptcpep/header"
 	"github.com/mptun/mptun/netstack"
 )
 
 // defaultMSS stands for a subflow's MSS until a full segment shows it: an
 // Ethernet path's payload with timestamps and the option budget.
 const defaultMSS = 1400
+
+// maxEarlyDSS bounds subflow.earlyDSS.
+const maxEarlyDSS = 32
 
 // maxSegLen bounds what maxSeg believes, should a segment ever be a GSO
 // super-segment.
@@ -44,6 +48,7 @@ type subflow struct {
 	tuple   netstack.Tuple
 	active  bool
 	initial bool
+	created time.Time // its SYN was sent or seen
 
 	ep tcpip.Endpoint // set once the gVisor endpoint exists (accept/dial)
 	wq *waiter.Queue
@@ -82,6 +87,12 @@ type subflow struct {
 	err           error
 	readerDone    bool
 	readerStarted bool
+	// earlyDSS holds the mappings of a passive initial subflow that came
+	// before the peer's key (its third ACK and first data segment lost,
+	// later data first): they are placed once the retransmitted
+	// MP_CAPABLE brings the key (at most maxEarlyDSS; the rest the peer
+	// announces again or reinjects).
+	earlyDSS []header.DSS
 
 	// maxSeg is the largest payload gVisor put in one segment of this
 	// subflow: its sending MSS once bulk data flowed. gVisor reports no
@@ -116,6 +127,7 @@ func newSubflow(c *Conn, t netstack.Tuple, active, initial bool) *subflow {
 		acked:     1,
 		readSSN:   1,
 		rstReason: -1,
+		created:   time.Now(),
 	}
 }
 

@@ -3,6 +3,7 @@ package netstack
 import (
 	"encoding/binary"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 
@@ -44,6 +45,12 @@ type Flow interface {
 	Outgoing(seg *Segment, opt []byte) (n, cover int)
 }
 
+// PanicHandler learns of a Flow (or Acceptor) that panicked on a segment
+// of tuple t: the layer has unregistered the flow and dropped the segment;
+// the handler ends what the flow belonged to. v and stack are the panic's
+// value and goroutine stack. It runs on a goroutine of its own.
+type PanicHandler func(t Tuple, f Flow, v any, stack []byte)
+
 // Acceptor is consulted for a SYN of an unknown flow to a local port.
 type Acceptor interface {
 	// SYN returns the Flow to register for the new flow (nil leaves it to
@@ -63,6 +70,9 @@ type MuxStats struct {
 	DroppedIn                   atomic.Uint64
 	WriteErrors                 atomic.Uint64
 	PassThroughOut, PassThrouIn atomic.Uint64
+	// FlowPanics counts segments on which a Flow or Acceptor panicked:
+	// the flow is cut off and the process goes on serving the others.
+	FlowPanics atomic.Uint64
 }
 
 // Mux connects the option layers of all NICs of a stack to the flows
@@ -73,7 +83,36 @@ type Mux struct {
 	acceptors map[uint16]Acceptor
 	segPool   sync.Pool
 	outPool   sync.Pool
+	onPanic   atomic.Pointer[PanicHandler]
 	Stats     MuxStats
+}
+
+// SetPanicHandler installs h (nil: none). Without a handler a panicking
+// flow is still cut off and counted.
+func (m *Mux) SetPanicHandler(h PanicHandler) {
+	if h == nil {
+		m.onPanic.Store(nil)
+		return
+	}
+	m.onPanic.Store(&h)
+}
+
+// contain turns a panic of flow f on a segment of t into the loss of that
+// flow alone: one peer's segments must not take down a process that serves
+// many (a concentrator). Deferred around every call into a Flow; ok is set
+// to false when it recovered.
+func (m *Mux) contain(t Tuple, f Flow, ok *bool) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	*ok = false
+	m.Stats.FlowPanics.Add(1)
+	m.Unregister(t)
+	st := debug.Stack()
+	if h := m.onPanic.Load(); h != nil {
+		go (*h)(t, f, v, st)
+	}
 }
 
 // NewMux returns an empty Mux.
@@ -305,17 +344,50 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 	}()
 	l.mux.Stats.SegmentsIn.Add(1)
 	if e == nil {
-		f, drop := acc.SYN(seg)
-		if f != nil {
-			l.mux.Register(t, f)
-		}
-		return !drop
+		return l.acceptSYN(acc, seg)
 	}
 	e.mu.Lock()
 	e.via = l
 	e.ipv6 = ip.ipv6
 	e.mu.Unlock()
-	return e.flow.Incoming(seg)
+	return l.incoming(e.flow, seg)
+}
+
+// acceptSYN asks acc about a SYN of a new flow (see Mux.contain).
+func (l *Layer) acceptSYN(acc Acceptor, seg *Segment) (pass bool) {
+	ok := true
+	defer func() {
+		if !ok {
+			pass = false
+		}
+	}()
+	defer l.mux.contain(seg.Tuple, nil, &ok)
+	f, drop := acc.SYN(seg)
+	if f != nil {
+		l.mux.Register(seg.Tuple, f)
+	}
+	return !drop
+}
+
+// incoming shows seg to its flow (see Mux.contain).
+func (l *Layer) incoming(f Flow, seg *Segment) (pass bool) {
+	ok := true
+	defer func() {
+		if !ok {
+			pass = false
+		}
+	}()
+	defer l.mux.contain(seg.Tuple, f, &ok)
+	return f.Incoming(seg)
+}
+
+// outgoing asks f for the options of seg; ok is false when f panicked
+// (see Mux.contain).
+func (l *Layer) outgoing(f Flow, seg *Segment, opt []byte) (n, cover int, ok bool) {
+	ok = true
+	defer l.mux.contain(seg.Tuple, f, &ok)
+	n, cover = f.Outgoing(seg, opt)
+	return n, cover, ok
 }
 
 // handledMark tags a packet that AddHeader finished (options written in
@@ -455,7 +527,10 @@ func (l *Layer) prepare(sc *outScratch, pkt *stack.PacketBuffer, p *outPrep) (ok
 		outData:    pkt.Data(),
 		hasOut:     true,
 	}
-	n, cover := e.flow.Outgoing(&sc.seg, sc.mp[:p.room])
+	n, cover, ok := l.outgoing(e.flow, &sc.seg, sc.mp[:p.room])
+	if !ok {
+		return false // the flow is gone: the segment passes as plain TCP
+	}
 	p.opts = l.withOptions(p.base, p.sackFree, sc.mp[:n])
 	p.cover = cover
 	return true
@@ -547,7 +622,7 @@ func (l *Layer) outbound(pkt *stack.PacketBuffer, owned []*stack.PacketBuffer) [
 				ipv6:       ip.ipv6,
 				payload:    payload,
 			}
-			n, cover = e.flow.Outgoing(seg, mp[:room])
+			n, cover, _ = l.outgoing(e.flow, seg, mp[:room]) // zero when it panicked: the rest goes whole
 			opts = l.withOptions(base, sackFree, mp[:n])
 		}
 		var part buffer.Buffer

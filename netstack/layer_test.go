@@ -1,9 +1,11 @@
 package netstack
 
 import (
+	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -706,6 +708,61 @@ func TestLayerInboundLongHeaders(t *testing.T) {
 			require.Equal(t, tc.tcpOpt, in[0].opts)
 			require.Equal(t, 50, in[0].payloadLen)
 			require.Len(t, tl.disp.delivered(), 1)
+		})
+	}
+}
+
+// panicFlow panics on every segment, as a flow with a bug would.
+type panicFlow struct{}
+
+func (panicFlow) Incoming(*Segment) bool               { panic("flow bug in Incoming") }
+func (panicFlow) Outgoing(*Segment, []byte) (int, int) { panic("flow bug in Outgoing") }
+
+func TestLayerContainsFlowPanics(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		run  func(t *testing.T, tl *testLayer)
+	}{
+		{"incoming", func(t *testing.T, tl *testLayer) {
+			tl.mux.Register(tup4, panicFlow{})
+			tl.receive(rawSeg{t: tup4.Reverse(), seq: 2, ack: 9, flags: header.TCPFlagAck, wnd: 100, payload: payloadOf(10)}.bytes())
+		}},
+		{"outgoing", func(t *testing.T, tl *testLayer) {
+			tl.mux.Register(tup4, panicFlow{})
+			out := tl.send(t, rawSeg{t: tup4, seq: 2, ack: 9, flags: header.TCPFlagAck, wnd: 100, payload: payloadOf(10)})
+			require.Len(t, out, 1, "the segment leaves as plain TCP")
+		}},
+		{"acceptor", func(t *testing.T, tl *testLayer) {
+			tl.mux.SetAcceptor(tup4.Local.Port(), acceptFunc(func(*Segment) (Flow, bool) { panic("acceptor bug") }))
+			tl.receive(rawSeg{t: tup4.Reverse(), seq: 1, flags: header.TCPFlagSyn, wnd: 100}.bytes())
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tl := newTestLayer(t)
+			type report struct {
+				t     Tuple
+				v     any
+				stack []byte
+			}
+			got := make(chan report, 1)
+			tl.mux.SetPanicHandler(func(tu Tuple, _ Flow, v any, st []byte) { got <- report{tu, v, st} })
+			tc.run(t, tl)
+			require.Empty(t, tl.disp.delivered(), "a segment whose flow panicked is dropped")
+			require.EqualValues(t, 1, tl.mux.Stats.FlowPanics.Load())
+			select {
+			case r := <-got:
+				require.Equal(t, tup4, r.t)
+				require.Contains(t, fmt.Sprint(r.v), "bug")
+				require.Contains(t, string(r.stack), "TestLayerContainsFlowPanics", "the stack shows where it panicked")
+			case <-time.After(5 * time.Second):
+				t.Fatal("panic handler not called")
+			}
+			require.Nil(t, tl.mux.lookup(tup4), "the flow is unregistered")
+			// The layer goes on serving other flows.
+			other := &fakeFlow{accept: true}
+			tl.mux.Register(tup6, other)
+			tl.receive(rawSeg{t: tup6.Reverse(), seq: 2, ack: 9, flags: header.TCPFlagAck, wnd: 100, payload: payloadOf(10)}.bytes())
+			require.Len(t, other.incoming(), 1)
 		})
 	}
 }

@@ -112,6 +112,7 @@ type remoteAddr struct {
 	id      uint8
 	addr    netip.AddrPort
 	removed bool
+	noJoin  bool // the peer's MP_CAPABLE C flag: no joins to its initial address
 }
 
 type announcement struct {
@@ -334,8 +335,19 @@ func (c *Conn) deliver(sf *subflow, b []byte) {
 				}
 				dsn, n = c.infiniteRxDSN(sf.readSSN), len(b)
 			} else {
-				// Data we cannot place: drop it; the peer reinjects it
-				// when the DATA_ACK does not cover it.
+				// Data we cannot place (no mapping covers it: RFC 8684
+				// 3.3.1 calls it invalid). While another subflow carries
+				// on, this one is reset with MP_TCPRST "MPTCP-specific
+				// error", as Linux resets an MP_JOIN subflow, and the
+				// peer reinjects its data there: left open, a subflow
+				// whose mappings go missing trickled at one reinjected
+				// chunk per stall timeout. Alone, the bytes are dropped
+				// and the peer resends them at the connection level.
+				if c.otherEstablishedLocked(sf) > 0 {
+					mib.DSSNoMappingReset.Add(1)
+					c.abortSubflowLocked(sf, rstOption(header.RstReasonMPTCPError, false), errNoMapping)
+					return
+				}
 				sf.readSSN += uint32(len(b))
 				sf.rx.Consume(sf.readSSN)
 				return
@@ -362,6 +374,27 @@ func (c *Conn) deliver(sf *subflow, b []byte) {
 	}
 	sf.rx.Consume(sf.readSSN)
 	c.deliveredLocked(sf)
+}
+
+// errNoMapping ends a subflow that delivered data no mapping covers.
+const errNoMapping = errString("mptcp: data without a DSS mapping")
+
+// otherEstablishedLocked counts the established subflows besides sf.
+func (c *Conn) otherEstablishedLocked(sf *subflow) int {
+	n := 0
+	for _, s := range c.subflows {
+		if s != sf && s.state == sfEstablished {
+			n++
+		}
+	}
+	return n
+}
+
+// rstOption is an MP_TCPRST option with reason (RFC 8684 3.6).
+func rstOption(reason uint8, transient bool) []byte {
+	opt := make([]byte, header.MPTCPRstLen)
+	header.MPTCPRst{Reason: reason, Transient: transient}.Encode(opt)
+	return opt
 }
 
 // deliveredLocked follows new data from sf: a DATA_ACK soon, readers woken.

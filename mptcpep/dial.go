@@ -14,6 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
+	"github.com/mptun/mptun/mptcpep/header"
 	"github.com/mptun/mptun/netstack"
 )
 
@@ -104,12 +105,13 @@ func (c *Conn) openSubflow(ctx context.Context, local Local, remote netip.AddrPo
 	t := netstack.Tuple{Local: netip.AddrPortFrom(local.Addr, la.Port), Remote: remote}
 	sf := newSubflow(c, t, true, initial)
 	sf.ep, sf.wq = ep, wq
-	sf.localID = local.ID
+	sf.uplinkID = local.ID
 	sf.backup = local.Backup
 	sf.remoteID = remoteID
 	sf.localNonce = e.nonce()
 	sf.state = sfSynSent
 	c.mu.Lock()
+	sf.localID = c.wireIDLocked(local.Addr, local.ID)
 	c.subflows = append(c.subflows, sf)
 	c.mu.Unlock()
 	e.st.Mux.Register(t, sf)
@@ -131,7 +133,13 @@ func (c *Conn) openSubflow(ctx context.Context, local Local, remote netip.AddrPo
 		terr = ep.LastError()
 	}
 	if terr != nil {
+		c.mu.Lock()
+		reason, transient := sf.rstReason, sf.rstTransient
+		c.mu.Unlock()
 		c.dropSubflow(sf)
+		if reason >= 0 {
+			return nil, &RefusedError{Reason: uint8(reason), Transient: transient}
+		}
 		return nil, fmt.Errorf("connect %v from %v: %s", remote, local.Addr, terr)
 	}
 	if !initial {
@@ -144,6 +152,47 @@ func (c *Conn) openSubflow(ctx context.Context, local Local, remote netip.AddrPo
 		}
 	}
 	return sf, nil
+}
+
+// RefusedError is a subflow the peer reset with MP_TCPRST during its
+// handshake (RFC 8684 3.6).
+type RefusedError struct {
+	Reason    uint8
+	Transient bool // the peer says the condition is temporary
+}
+
+func (e *RefusedError) Error() string {
+	t := ""
+	if e.Transient {
+		t = ", transient"
+	}
+	return fmt.Sprintf("mptcp: subflow refused by the peer: MP_TCPRST reason %d (%s%s)", e.Reason, rstReasonName(e.Reason), t)
+}
+
+// permanent reports whether retrying the same pair is pointless while the
+// connection lives: the peer's policy forbids it and says it will not change.
+func (e *RefusedError) permanent() bool {
+	return !e.Transient && e.Reason == header.RstReasonAdminProhibited
+}
+
+func rstReasonName(r uint8) string {
+	switch r {
+	case header.RstReasonUnspecified:
+		return "unspecified"
+	case header.RstReasonMPTCPError:
+		return "MPTCP-specific error"
+	case header.RstReasonLackOfResources:
+		return "lack of resources"
+	case header.RstReasonAdminProhibited:
+		return "administratively prohibited"
+	case header.RstReasonTooMuchOutstanding:
+		return "too much outstanding data"
+	case header.RstReasonUnacceptablePerf:
+		return "unacceptable performance"
+	case header.RstReasonMiddlebox:
+		return "middlebox interference"
+	}
+	return "unknown"
 }
 
 // dropSubflow forgets a subflow that never got going.

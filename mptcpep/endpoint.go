@@ -30,6 +30,12 @@ type Config struct {
 	SendBuffer, ReceiveBuffer int
 	// MaxSubflows bounds the subflows of one connection (0: 8).
 	MaxSubflows int
+	// DenyJoinInitialAddr makes a listener refuse joins to the address and
+	// port its connections began on, and tell clients so with the
+	// MP_CAPABLE C flag (RFC 8684 3.1), like Linux's
+	// net.mptcp.allow_join_initial_addr_port=0: for a server behind a
+	// load balancer that would not steer joins to it.
+	DenyJoinInitialAddr bool
 	// Scheduler picks the subflow for each chunk (nil: lowest RTT first).
 	Scheduler Scheduler
 	// Logger receives protocol events (nil: slog.Default()).

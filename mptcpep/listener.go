@@ -119,7 +119,7 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 		c := e.lookupToken(r.joinSYN.Token)
 		if c == nil || c.isDone() {
 			e.MIB.MPJoinNoTokenFound.Add(1)
-			l.refuse(seg)
+			l.refuse(seg, header.RstReasonMPTCPError, false)
 			return nil, true
 		}
 		if full {
@@ -133,10 +133,30 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 				live++
 			}
 		}
-		if live >= e.cfg.MaxSubflows || !c.remoteKeyKnown || c.fallback || c.fail.pending() {
+		if e.cfg.DenyJoinInitialAddr && len(c.subflows) > 0 && seg.Tuple.Local == c.subflows[0].tuple.Local {
+			// We said so with the C flag; a client that joins anyway is
+			// refused for good.
 			c.mu.Unlock()
 			e.MIB.MPJoinRejected.Add(1)
-			l.refuse(seg)
+			l.refuse(seg, header.RstReasonAdminProhibited, false)
+			return nil, true
+		}
+		if live >= e.cfg.MaxSubflows {
+			// The subflow limit: "administratively prohibited", as
+			// Linux answers its PM's limits; transient, since a
+			// subflow may close and make room.
+			c.mu.Unlock()
+			e.MIB.MPJoinRejected.Add(1)
+			l.refuse(seg, header.RstReasonAdminProhibited, true)
+			return nil, true
+		}
+		if !c.remoteKeyKnown || c.fallback || c.fail.pending() {
+			// Not (or no longer) a connection that takes joins; only
+			// the missing key can change.
+			transient := !c.remoteKeyKnown && !c.fallback
+			c.mu.Unlock()
+			e.MIB.MPJoinRejected.Add(1)
+			l.refuse(seg, header.RstReasonMPTCPError, transient)
 			return nil, true
 		}
 		sf := newSubflow(c, seg.Tuple, false, false)
@@ -146,7 +166,8 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 		sf.remoteID = r.joinSYN.AddrID
 		sf.remoteBackup = r.joinSYN.Backup
 		sf.localNonce = e.nonce()
-		sf.localID = l.localID(seg.Tuple.Local.Addr())
+		sf.uplinkID = l.localID(seg.Tuple.Local.Addr())
+		sf.localID = c.wireIDLocked(seg.Tuple.Local.Addr(), sf.uplinkID)
 		sf.peerWScale = wscale
 		c.subflows = append(c.subflows, sf)
 		c.mu.Unlock()
@@ -168,6 +189,7 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 		c.setLocalKey(key)
 		c.csum = e.cfg.Checksum || r.mpc.ChecksumRequired
 		sf := newSubflow(c, seg.Tuple, false, true)
+		sf.uplinkID = l.localID(seg.Tuple.Local.Addr())
 		sf.state = sfSynRcvd
 		sf.irs, sf.irsKnown = seg.Seq, true
 		sf.peerWScale = wscale
@@ -181,10 +203,10 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 	}
 }
 
-// refuse resets a SYN we will not take (unknown token, limits).
-func (l *Listener) refuse(seg *netstack.Segment) {
-	opt := make([]byte, header.MPTCPRstLen)
-	header.MPTCPRst{Reason: header.RstReasonMPTCPError}.Encode(opt)
+// refuse resets a SYN we will not take (unknown token, limits) with an
+// MP_TCPRST that says why (RFC 8684 3.6).
+func (l *Listener) refuse(seg *netstack.Segment, reason uint8, transient bool) {
+	opt := rstOption(reason, transient)
 	l.e.MIB.MPRstTX.Add(1)
 	_ = seg.Via.SendRaw(seg.IPv6(), seg.Tuple, 0, seg.Seq+1, rstAck, 0, opt)
 }

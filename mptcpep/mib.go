@@ -17,6 +17,8 @@ type MIB struct {
 	MPCapableFallbackACK  atomic.Uint64 // SYN/ACK or third ACK without MP_CAPABLE
 	MPCapableFallbackData atomic.Uint64 // peer answered data without DSS: fell back after the handshake
 	MPCapableBadKey       atomic.Uint64
+	MPCapableSYNDrop      atomic.Uint64 // MP_CAPABLE left off a SYN retransmission (two went unanswered): plain TCP
+	MPCapableUnsupported  atomic.Uint64 // MP_CAPABLE without H (HMAC-SHA256): plain TCP
 	FlowPanics            atomic.Uint64 // a subflow's option handling panicked: its connection was aborted
 	MPCapableKeyWait      atomic.Uint64 // accepted before the peer's key (its data-carrying MP_CAPABLE lost): waited for it
 	MPJoinSYNTX           atomic.Uint64
@@ -27,12 +29,15 @@ type MIB struct {
 	MPJoinACKHMACFail     atomic.Uint64
 	MPJoinNoTokenFound    atomic.Uint64
 	MPJoinRejected        atomic.Uint64 // limits
+	JoinsProhibited       atomic.Uint64 // a join the peer refused for good (MP_TCPRST 3, not transient): not retried
 	MPJoinEstablished     atomic.Uint64
 	DSSRX                 atomic.Uint64
 	DSSMappingRX          atomic.Uint64
 	DSSMappingConflict    atomic.Uint64
 	DSSMappingDropped     atomic.Uint64 // table full or out of window
 	DSSNoMapping          atomic.Uint64 // data without a mapping
+	DSSNoMappingReset     atomic.Uint64 // ... and its subflow was reset (another one carries on)
+	DSSChecksumMissing    atomic.Uint64 // a mapping without the negotiated DSS checksum: subflow reset
 	DSSNoMappingTX        atomic.Uint64 // a segment gVisor sent holds bytes without a mapping
 	SubflowShortWrites    atomic.Uint64 // gVisor took part of a chunk: the rest is owed to that subflow
 	PeerWindowFull        atomic.Uint64 // data waiting, but the peer's connection-level window is full

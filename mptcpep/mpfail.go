@@ -92,12 +92,7 @@ func (c *Conn) mpFailOutLocked(sf *subflow, dsn uint64) bool {
 	if c.fail.sent || c.infinite {
 		return true // already falling back: TCP semantics from here on
 	}
-	others := 0
-	for _, s := range c.subflows {
-		if s != sf && s.state == sfEstablished {
-			others++
-		}
-	}
+	others := c.otherEstablishedLocked(sf)
 	if others == 0 && c.infiniteOKLocked(sf) {
 		c.e.log.Warn("mptcp: DSS checksum failure, falling back to TCP (MP_FAIL)", "subflow", sf.tuple.String(), "dsn", dsn)
 		c.fail.sent, c.fail.dsn, c.fail.sf = true, dsn, sf

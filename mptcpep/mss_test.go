@@ -47,7 +47,7 @@ func TestSubflowMSSFromWire(t *testing.T) {
 	cc.mu.Unlock()
 	require.Len(t, sfs, 2)
 	for _, sf := range sfs {
-		i := int(sf.localID) - 1
+		i := int(sf.uplinkID) - 1
 		want := int(wireMax[i].Load())
 		require.NotZero(t, sf.bytesTx, "path %d carried no data", i)
 		require.NotEqual(t, defaultMSS, want, "the wire must show a measured MSS, not the default")

@@ -59,7 +59,15 @@ func parseRx(opts []byte, mib *MIB) rxOptions {
 		switch st {
 		case header.SubtypeMPCapable:
 			if err = r.mpc.Decode(raw); err == nil {
-				r.hasMPC = true
+				// Without H (HMAC-SHA256, the only method v1 defines)
+				// the option is invalid and the connection is plain
+				// TCP (RFC 8684 3.1). A newer version on a SYN is
+				// answered with v1, as Linux does.
+				if r.mpc.HMACSHA256 {
+					r.hasMPC = true
+				} else {
+					mib.MPCapableUnsupported.Add(1)
+				}
 			}
 		case header.SubtypeMPJoin:
 			switch raw[1] {
@@ -156,13 +164,28 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 		var o header.Option
 		switch {
 		case !seg.ACK() && sf.initial:
+			// Outgoing may be asked twice about one SYN (AddHeader,
+			// then WritePackets); retransmissions are an RTO (1 s at
+			// first) apart.
+			if now := time.Now(); sf.synTries == 0 || now.Sub(sf.synAt) > 100*time.Millisecond {
+				sf.synTries, sf.synAt = sf.synTries+1, now
+			}
+			if sf.synTries > maxMPCapableSYNs {
+				// Two SYNs with MP_CAPABLE went unanswered: a middlebox
+				// may drop them. The next goes as plain TCP, as Linux
+				// does (mptcp_active_detect_blackhole).
+				mib.MPCapableSYNDrop.Add(1)
+				c.fallback = true
+				return 0, 0
+			}
 			mib.MPCapableSYNTX.Add(1)
 			o = header.MPCapable{Version: 1, HMACSHA256: true, ChecksumRequired: c.e.cfg.Checksum}
 		case !seg.ACK():
 			mib.MPJoinSYNTX.Add(1)
 			o = header.MPJoinSYN{Backup: sf.backup, AddrID: sf.localID, Token: c.remoteToken, Nonce: sf.localNonce}
 		case sf.initial:
-			o = header.MPCapable{Version: 1, HMACSHA256: true, ChecksumRequired: c.csum, NumKeys: 1, SenderKey: uint64(c.localKey)}
+			o = header.MPCapable{Version: 1, HMACSHA256: true, ChecksumRequired: c.csum, NumKeys: 1, SenderKey: uint64(c.localKey),
+				NoMoreSubflows: c.e.cfg.DenyJoinInitialAddr}
 		default:
 			o = header.MPJoinSYNACK{Backup: sf.backup, AddrID: sf.localID, Nonce: sf.localNonce,
 				HMAC: JoinSYNACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}
@@ -261,6 +284,13 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 	return d.Encode(opt), cover
 }
 
+// maxMPCapableSYNs is how many SYNs of a connection carry MP_CAPABLE.
+const maxMPCapableSYNs = 2
+
+// errChecksumMissing ends a subflow that sent a mapping without the DSS
+// checksum the connection requires.
+const errChecksumMissing = errString("mptcp: DSS mapping without the required checksum")
+
 // Incoming implements netstack.Flow: it reads the MPTCP options of a
 // segment that arrived on this subflow before gVisor processes it.
 func (sf *subflow) Incoming(seg *netstack.Segment) bool {
@@ -272,7 +302,7 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 	now := time.Now()
 	if r.hasRst {
 		mib.MPRstRX.Add(1)
-		sf.rstReason = int(r.rst.Reason)
+		sf.rstReason, sf.rstTransient = int(r.rst.Reason), r.rst.Transient
 	}
 	if r.hasFC {
 		mib.MPFastcloseRX.Add(1)
@@ -384,6 +414,13 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 		// A retransmitted data-carrying MP_CAPABLE.
 		sf.addRxMapping(rxMapping{SSN: 1, DSN: c.remoteIDSN + 1, Len: int(r.mpc.DataLen), HasCsum: r.mpc.HasChecksum, Checksum: r.mpc.Checksum})
 	}
+	if r.hasDSS && c.csum && c.remoteKeyKnown && !c.infinite && r.dss.HasMapping && r.dss.DataLen > 0 && !r.dss.HasChecksum {
+		// The connection negotiated DSS checksums (RFC 8684 3.3): a
+		// mapping without one is a protocol error, as in Linux.
+		mib.DSSChecksumMissing.Add(1)
+		c.abortSubflowLocked(sf, rstOption(header.RstReasonMPTCPError, false), errChecksumMissing)
+		return false
+	}
 	if r.hasDSS {
 		c.dssInLocked(sf, seg, &r.dss)
 	}
@@ -421,6 +458,12 @@ func (sf *subflow) synAckIn(seg *netstack.Segment, r *rxOptions) bool {
 			return true
 		}
 		mib.MPCapableSYNACKRX.Add(1)
+		if r.mpc.NoMoreSubflows {
+			// C flag: the peer takes no joins to this address and port.
+			ra := c.remoteAddrs[0]
+			ra.noJoin = true
+			c.remoteAddrs[0] = ra
+		}
 		c.setRemoteKeyLocked(Key(r.mpc.SenderKey))
 		c.csum = c.e.cfg.Checksum || r.mpc.ChecksumRequired
 		sf.state = sfEstablished

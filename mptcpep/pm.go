@@ -2,6 +2,7 @@ package mptcpep
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"time"
 
@@ -45,8 +46,12 @@ func (c *Conn) pathManager() {
 		}
 	}
 	wait.Stop()
+	type result struct {
+		p   pair
+		err error
+	}
 	attempts := make(map[pair]*attempt)
-	results := make(chan pair, 16)
+	results := make(chan result, 16)
 	retry := time.NewTicker(500 * time.Millisecond)
 	defer retry.Stop()
 	for {
@@ -72,7 +77,7 @@ func (c *Conn) pathManager() {
 		}
 		var wants []want
 		for _, ra := range c.remoteAddrs {
-			if ra.removed {
+			if ra.removed || ra.noJoin {
 				continue
 			}
 			for _, l := range locals {
@@ -127,7 +132,7 @@ func (c *Conn) pathManager() {
 					c.e.log.Debug("mptcp: join failed", "local", w.l.Addr, "remote", w.p.remote, "err", err)
 				}
 				select {
-				case results <- w.p:
+				case results <- result{w.p, err}:
 				case <-c.done:
 				}
 			}()
@@ -137,9 +142,17 @@ func (c *Conn) pathManager() {
 			return
 		case <-c.pmCh:
 		case <-retry.C:
-		case p := <-results:
-			if a := attempts[p]; a != nil {
+		case r := <-results:
+			if a := attempts[r.p]; a != nil {
 				a.running = false
+				// The peer's policy forbids this pair for good (MP_TCPRST
+				// "administratively prohibited", not transient): asking
+				// again would only be refused again.
+				var refused *RefusedError
+				if errors.As(r.err, &refused) && refused.permanent() {
+					c.e.MIB.JoinsProhibited.Add(1)
+					a.at = now.Add(100 * 365 * 24 * time.Hour)
+				}
 			}
 		}
 		// A subflow that came back resets the backoff of its pair.
@@ -236,13 +249,28 @@ func (c *Conn) removeAddrInLocked(ids []uint8) {
 	c.kickLocked()
 }
 
-// RemoveLocal withdraws a local address from this connection: its subflows
-// close and the peer is told with REMOVE_ADDR.
+// wireIDLocked is the address ID that subflows from addr carry on the
+// wire: 0 for the address of the initial subflow, which both ends know by
+// that ID (RFC 8684 3.2: one address, one ID), else the uplink's ID.
+func (c *Conn) wireIDLocked(addr netip.Addr, uplinkID uint8) uint8 {
+	if len(c.subflows) == 0 || c.subflows[0].tuple.Local.Addr() == addr {
+		return 0
+	}
+	return uplinkID
+}
+
+// RemoveLocal withdraws the local address of uplink id from this
+// connection: its subflows close and the peer is told with REMOVE_ADDR
+// (naming the address by its wire ID).
 func (c *Conn) RemoveLocal(id uint8) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	wire, found := id, false
 	for _, sf := range c.subflows {
-		if sf.localID == id && sf.state != sfClosed {
+		if sf.uplinkID == id && !found {
+			wire, found = sf.localID, true
+		}
+		if sf.uplinkID == id && sf.state != sfClosed {
 			sf.state = sfClosed
 			sf.err = errString("mptcp: local address removed")
 			c.reinjectLocked(sf)
@@ -255,9 +283,9 @@ func (c *Conn) RemoveLocal(id uint8) {
 	}
 	// Tell the peer on a subflow that survives (picked after closing the
 	// withdrawn ones).
-	if best := c.ackSubflowLocked(); best != nil && best.localID != id {
+	if best := c.ackSubflowLocked(); best != nil && best.uplinkID != id {
 		b := make([]byte, 4)
-		header.RemoveAddr{AddrIDs: []uint8{id}}.Encode(b)
+		header.RemoveAddr{AddrIDs: []uint8{wire}}.Encode(b)
 		t := best.tuple
 		c.actions = append(c.actions, func() {
 			if c.e.st.Mux.SendACK(t, b) == nil {
@@ -268,13 +296,13 @@ func (c *Conn) RemoveLocal(id uint8) {
 	c.kickLocked()
 }
 
-// SetBackup marks the subflows from local address id as backup (or not)
+// SetBackup marks the subflows from the address of uplink id as backup (or not)
 // and tells the peer with MP_PRIO.
 func (c *Conn) SetBackup(id uint8, backup bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, sf := range c.subflows {
-		if sf.localID != id || sf.state != sfEstablished {
+		if sf.uplinkID != id || sf.state != sfEstablished {
 			continue
 		}
 		sf.backup = backup

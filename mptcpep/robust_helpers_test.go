@@ -96,7 +96,9 @@ func newWorldOpts(t *testing.T, o worldOpts) *world {
 type mangleLink struct {
 	stack.LinkEndpoint
 	mangle func(ip []byte) bool
-	hits   atomic.Uint64
+	// drop, if set, drops the IPv4 packets it reports (a firewall).
+	drop func(ip []byte) bool
+	hits atomic.Uint64
 }
 
 func newMangleLink(lower stack.LinkEndpoint, mangle func(ip []byte) bool) *mangleLink {
@@ -121,6 +123,11 @@ type mangleDispatcher struct {
 func (md *mangleDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
 	v := pkt.ToView()
 	b := v.AsSlice()
+	if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 && md.m.drop != nil && md.m.drop(b) {
+		md.m.hits.Add(1)
+		v.Release()
+		return
+	}
 	if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 && md.m.mangle(b) {
 		md.m.hits.Add(1)
 		fixTCPChecksum(b)

@@ -571,6 +571,59 @@ func TestAddAddr(t *testing.T) {
 		require.Positive(t, viaSecond, "the announced address carried data: %s", summary(sc))
 	})
 
+	// The client's only address is its initial subflow's: its join to the
+	// announced address must name it ID 0, the ID the server already has
+	// for it (it used to send its uplink ID 1, giving one address two IDs).
+	t.Run("join-from-initial-address-is-id-0", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		second := netip.AddrFrom4([4]byte{10, 0, 1, 2})
+		w := newWorldOpts(t, worldOpts{
+			paths:       []pathSpec{{delay: time.Millisecond}},
+			serverExtra: map[int][]netip.Addr{0: {second}},
+		})
+		w.server.SetAnnounce([]Local{{Addr: second, ID: 5}})
+		cc, sc := dialAccept(t, ctx, w, 91)
+		waitSubflows(t, sc, 2)
+		for _, s := range sc.Stats().Subflows {
+			require.Equal(t, w.clientAddrs[0], s.Remote.Addr())
+			require.Zero(t, s.RemoteID, "the client's initial address is ID 0 on every subflow: %+v", sc.Stats().Subflows)
+		}
+		for _, s := range cc.Stats().Subflows {
+			require.Zero(t, s.LocalID, "%+v", cc.Stats().Subflows)
+		}
+		roundTrip(t, ctx, cc, sc, 256<<10, 74)
+	})
+
+	// A listener that takes no joins to its initial address says so with
+	// the C flag; the client then joins only the announced address.
+	t.Run("c-flag-no-joins-to-initial-address", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		second := netip.AddrFrom4([4]byte{10, 0, 1, 2})
+		w := newWorldOpts(t, worldOpts{
+			paths:       []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}},
+			scfg:        Config{DenyJoinInitialAddr: true},
+			serverExtra: map[int][]netip.Addr{1: {second}},
+		})
+		w.server.SetAnnounce([]Local{{Addr: second, ID: 5}})
+		cc, sc := dialAccept(t, ctx, w, 94)
+		waitSubflows(t, sc, 2)
+		roundTrip(t, ctx, cc, sc, 1<<20, 77)
+		time.Sleep(1200 * time.Millisecond) // a join the PM would make comes within 1 s
+		for i, s := range sc.Stats().Subflows {
+			if i > 0 {
+				require.Equal(t, second, s.Local.Addr(), "joins go to the announced address only: %+v", sc.Stats().Subflows)
+			}
+		}
+		require.Zero(t, w.server.MIB.MPJoinRejected.Load(), "the client honoured the C flag")
+		for i, s := range cc.Stats().Subflows {
+			if i > 0 {
+				require.Equal(t, second, s.Remote.Addr(), "the client tried no join to the initial address: %+v", cc.Stats().Subflows)
+			}
+		}
+	})
+
 	t.Run("bad-hmac", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
@@ -712,5 +765,154 @@ func TestManyConnections(t *testing.T) {
 		case <-ctx.Done():
 			t.Fatalf("connection not finished: %s", summary(c))
 		}
+	}
+}
+
+// TestMPCapableWithoutHMACFlag: an MP_CAPABLE without the H flag
+// (HMAC-SHA256) is invalid, and the connection is plain TCP (RFC 8684
+// 3.1), whichever side's option lacks it.
+func TestMPCapableWithoutHMACFlag(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		server bool // clear H on what the server receives (the SYN), else on the SYN/ACK
+	}{{"syn", true}, {"syn-ack", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			var box *mangleLink
+			mb := func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
+				if i != 0 {
+					return ep
+				}
+				box = newMangleLink(ep, func(ip []byte) bool {
+					tcp, opts := tcpOf(ip)
+					if tcp == nil || tcp[13]&tcpFlagSYN == 0 {
+						return false
+					}
+					hit := false
+					walkOpts(opts, func(kind byte, raw []byte) {
+						if kind == 30 && len(raw) >= 4 && raw[2]>>4 == 0 {
+							raw[3] &^= 0x01 // H
+							hit = true
+						}
+					})
+					return hit
+				})
+				return box
+			}
+			o := worldOpts{paths: []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}}}
+			if tc.server {
+				o.wrapServer = mb
+			} else {
+				o.wrapClient = mb
+			}
+			w := newWorldOpts(t, o)
+			cc, sc := dialAccept(t, ctx, w, 88)
+			require.Positive(t, box.hits.Load())
+			exchange(t, ctx, cc, sc, randomData(1<<20, 61), randomData(1<<20, 62))
+			require.False(t, cc.MultipathTCP())
+			require.False(t, sc.MultipathTCP())
+			m := &w.client.MIB
+			if tc.server {
+				m = &w.server.MIB
+			}
+			require.EqualValues(t, 1, m.MPCapableUnsupported.Load())
+			require.Zero(t, w.client.MIB.MPJoinSYNTX.Load(), "no joins for plain TCP")
+		})
+	}
+}
+
+// TestMPCapableSYNBlackhole: a firewall drops SYNs that carry MPTCP
+// options. After two such SYNs the client retries as plain TCP (as Linux
+// does) and the connection works, without MPTCP.
+func TestMPCapableSYNBlackhole(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var box *mangleLink
+	w := newWorldOpts(t, worldOpts{
+		paths: []pathSpec{{delay: time.Millisecond}},
+		wrapServer: func(_ int, ep stack.LinkEndpoint) stack.LinkEndpoint {
+			box = newMangleLink(ep, func([]byte) bool { return false })
+			box.drop = func(ip []byte) bool {
+				tcp, opts := tcpOf(ip)
+				if tcp == nil || tcp[13]&tcpFlagSYN == 0 {
+					return false
+				}
+				mp := false
+				walkOpts(opts, func(kind byte, _ []byte) { mp = mp || kind == 30 })
+				return mp
+			}
+			return box
+		},
+	})
+	start := time.Now()
+	cc, sc := dialAccept(t, ctx, w, 92)
+	t.Logf("connected after %v", time.Since(start).Round(time.Millisecond))
+	require.False(t, cc.MultipathTCP())
+	require.False(t, sc.MultipathTCP())
+	require.EqualValues(t, 2, box.hits.Load(), "two MP_CAPABLE SYNs were dropped")
+	require.EqualValues(t, 2, w.client.MIB.MPCapableSYNTX.Load())
+	require.EqualValues(t, 1, w.client.MIB.MPCapableSYNDrop.Load())
+	roundTrip(t, ctx, cc, sc, 256<<10, 75)
+}
+
+// TestJoinRefusalReasons: a listener at its subflow limit refuses a join
+// with MP_TCPRST "administratively prohibited", transient; the client
+// retries such a join later. Told the refusal is permanent (a middlebox
+// clears the T flag here), it stops asking for that pair.
+func TestJoinRefusalReasons(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		permanent bool
+	}{{"transient-retried", false}, {"permanent-not-retried", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			var rsts atomic.Int64
+			var seen atomic.Uint32 // flags<<8 | reason of the last MP_TCPRST
+			wrap := func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
+				if i != 1 {
+					return ep
+				}
+				return newMangleLink(ep, func(ip []byte) bool {
+					tcp, opts := tcpOf(ip)
+					if tcp == nil {
+						return false
+					}
+					hit := false
+					walkOpts(opts, func(kind byte, raw []byte) {
+						if kind == 30 && len(raw) == 4 && raw[2]>>4 == 8 {
+							rsts.Add(1)
+							seen.Store(uint32(raw[2]&0x0f)<<8 | uint32(raw[3]))
+							if tc.permanent {
+								raw[2] &^= 0x0f
+								hit = true
+							}
+						}
+					})
+					return hit
+				})
+			}
+			w := newWorldOpts(t, worldOpts{
+				paths:      []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}},
+				scfg:       Config{MaxSubflows: 1},
+				wrapClient: wrap,
+			})
+			cc, sc := dialAccept(t, ctx, w, 93)
+			require.Eventually(t, func() bool { return rsts.Load() >= 1 }, 5*time.Second, 5*time.Millisecond)
+			require.EqualValues(t, 1<<8|header.RstReasonAdminProhibited, seen.Load(),
+				"the listener's MP_TCPRST: administratively prohibited, transient")
+			time.Sleep(2500 * time.Millisecond) // the PM retries a failed pair after 0.5 s, 1 s, ...
+			joins := w.client.MIB.MPJoinSYNTX.Load()
+			if tc.permanent {
+				require.EqualValues(t, 1, joins, "a permanent refusal is not retried")
+				require.EqualValues(t, 1, w.client.MIB.JoinsProhibited.Load())
+			} else {
+				require.GreaterOrEqual(t, joins, uint64(2), "a transient refusal is retried")
+				require.Zero(t, w.client.MIB.JoinsProhibited.Load())
+			}
+			require.Positive(t, w.server.MIB.MPJoinRejected.Load())
+			roundTrip(t, ctx, cc, sc, 256<<10, 76)
+		})
 	}
 }

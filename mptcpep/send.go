@@ -428,14 +428,15 @@ func (c *Conn) control() time.Time {
 		}
 	}
 	// The initiator repeats its keys on a pure ACK while the peer has not
-	// shown (with a DSS) that the third ACK arrived and we send no data.
-	if c.active && !c.peerConfirmed && len(c.subflows) > 0 && c.mpcAckTries < 4 {
+	// shown (with a DSS) that the third ACK arrived and we send no data:
+	// until it does (RFC 8684 3.1), backing off to 64 RTOs between tries.
+	if c.active && !c.peerConfirmed && len(c.subflows) > 0 {
 		sf := c.subflows[0]
 		if sf.state == sfEstablished && c.sndNxt == c.localIDSN+1 {
 			if c.mpcAckAt.IsZero() {
 				c.mpcAckAt = now
 			}
-			due := c.mpcAckAt.Add(rto << c.mpcAckTries)
+			due := c.mpcAckAt.Add(rto << min(c.mpcAckTries, 6))
 			if !now.Before(due) {
 				c.mpcAckTries++
 				c.mpcAckAt = now
@@ -444,7 +445,7 @@ func (c *Conn) control() time.Time {
 					SenderKey: uint64(c.localKey), ReceiverKey: uint64(c.remoteKey)}.Encode(b)
 				sends = append(sends, send{sf, b})
 			}
-			at(c.mpcAckAt.Add(rto << c.mpcAckTries))
+			at(c.mpcAckAt.Add(rto << min(c.mpcAckTries, 6)))
 		}
 	}
 	// Our MP_FAIL is repeated until answered, and times out.

@@ -55,7 +55,8 @@ type subflow struct {
 
 	// guarded by c.mu
 	state         sfState
-	localID       uint8
+	localID       uint8 // address ID on the wire: 0 for the initial subflow's address (RFC 8684 3.2)
+	uplinkID      uint8 // the endpoint's Local.ID of its address (RemoveLocal, SetBackup)
 	remoteID      uint8
 	backup        bool // we asked the peer to treat it as backup (or it is our backup uplink)
 	remoteBackup  bool // the peer marked it backup
@@ -64,6 +65,8 @@ type subflow struct {
 	iss, irs      uint32
 	issKnown      bool
 	irsKnown      bool
+	synTries      int       // SYNs sent (the initial subflow's MP_CAPABLE ones)
+	synAt         time.Time // when the last of them was counted
 	joinAckSent   bool
 	joinAckTries  int
 	joinAckAt     time.Time
@@ -84,6 +87,7 @@ type subflow struct {
 	bytesRx       uint64
 	reinjTx       uint64
 	rstReason     int // MP_TCPRST reason received, -1 none
+	rstTransient  bool
 	err           error
 	readerDone    bool
 	readerStarted bool

@@ -1,7 +1,6 @@
 package mptcpep
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -1014,8 +1013,6 @@ func (c *Conn) MultipathTCP() bool {
 var _ net.Conn = (*Conn)(nil)
 
 const rstAck = tcpheader.TCPFlagRst | tcpheader.TCPFlagAck
-
-func newPayload(b []byte) *bytes.Reader { return bytes.NewReader(b) }
 
 // ConnStats describes a connection and its subflows.
 type ConnStats struct {

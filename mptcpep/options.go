@@ -2,8 +2,6 @@ package mptcpep
 
 import (
 	"errors"
-	"fmt"
-	"net/netip"
 	"time"
 
 	"github.com/mptun/mptun/mptcpep/header"
@@ -119,22 +117,14 @@ func parseRx(opts []byte, mib *MIB) rxOptions {
 		}
 		if err != nil {
 			mib.OptionMalformed.Add(1)
-			if debugOptions {
-				println("malformed", err.Error(), fmt.Sprintf("%x", opts))
-			}
 		}
 		return nil
 	})
 	if err != nil {
 		mib.OptionMalformed.Add(1)
-		if debugOptions {
-			println("malformed block", err.Error(), fmt.Sprintf("%x", opts))
-		}
 	}
 	return r
 }
-
-const debugOptions = false
 
 // Outgoing implements netstack.Flow: it writes the MPTCP options of a
 // segment gVisor sends on this subflow.
@@ -519,6 +509,3 @@ func (sf *subflow) resetReason() int {
 	}
 	return -1
 }
-
-// addrOf returns a remote address with a port for joins.
-func addrOf(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }

@@ -69,7 +69,7 @@ type MuxStats struct {
 	NoRoomForOptions            atomic.Uint64
 	DroppedIn                   atomic.Uint64
 	WriteErrors                 atomic.Uint64
-	PassThroughOut, PassThrouIn atomic.Uint64
+	PassThroughOut, PassThroughIn atomic.Uint64
 	// FlowPanics counts segments on which a Flow or Acceptor panicked:
 	// the flow is cut off and the process goes on serving the others.
 	FlowPanics atomic.Uint64
@@ -282,14 +282,14 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 	var acc Acceptor
 	if e == nil {
 		if tcp.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
-			l.mux.Stats.PassThrouIn.Add(1)
+			l.mux.Stats.PassThroughIn.Add(1)
 			return true
 		}
 		l.mux.mu.RLock()
 		acc = l.mux.acceptors[t.Local.Port()]
 		l.mux.mu.RUnlock()
 		if acc == nil {
-			l.mux.Stats.PassThrouIn.Add(1)
+			l.mux.Stats.PassThroughIn.Add(1)
 			return true
 		}
 	}

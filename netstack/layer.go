@@ -60,15 +60,15 @@ type Acceptor interface {
 
 // MuxStats counts what the option layer did (MIB-style).
 type MuxStats struct {
-	SegmentsOut, SegmentsIn     atomic.Uint64
-	SegmentsSplit               atomic.Uint64
-	RewrittenInPlace            atomic.Uint64 // gVisor's packet reused, headers updated
-	SACKTrimmed                 atomic.Uint64
-	ControlSent                 atomic.Uint64
-	BadChecksumIn               atomic.Uint64
-	NoRoomForOptions            atomic.Uint64
-	DroppedIn                   atomic.Uint64
-	WriteErrors                 atomic.Uint64
+	SegmentsOut, SegmentsIn       atomic.Uint64
+	SegmentsSplit                 atomic.Uint64
+	RewrittenInPlace              atomic.Uint64 // gVisor's packet reused, headers updated
+	SACKTrimmed                   atomic.Uint64
+	ControlSent                   atomic.Uint64
+	BadChecksumIn                 atomic.Uint64
+	NoRoomForOptions              atomic.Uint64
+	DroppedIn                     atomic.Uint64
+	WriteErrors                   atomic.Uint64
 	PassThroughOut, PassThroughIn atomic.Uint64
 	// FlowPanics counts segments on which a Flow or Acceptor panicked:
 	// the flow is cut off and the process goes on serving the others.

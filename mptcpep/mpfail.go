@@ -229,6 +229,17 @@ func (c *Conn) mpFailInLocked(sf *subflow, dsn uint64) {
 // TCP when it first goes out. It repeats on segments from that point on
 // until the peer acknowledges it; ok is false when the segment gets no
 // MPTCP option from here.
+// beforeInfiniteLocked reports whether seg carries data of sf from before
+// the infinite mapping we sent on it, not yet acknowledged.
+func (sf *subflow) beforeInfiniteLocked(seg *netstack.Segment) bool {
+	f := &sf.c.fail
+	if !f.txInfSent || sf != f.sf || !sf.issKnown || seg.SYN() || seg.PayloadLen == 0 {
+		return false
+	}
+	rel := seg.Seq - sf.iss
+	return ssnLT(rel, f.txSSN) && !ssnLT(rel, sf.acked)
+}
+
 func (sf *subflow) infiniteMapOutLocked(seg *netstack.Segment, rel uint32, opt []byte) (n, cover int, ok bool) {
 	c := sf.c
 	f := &c.fail

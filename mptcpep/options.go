@@ -146,7 +146,12 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 			return n, cover
 		}
 	}
-	if c.fallback {
+	// Bytes before the infinite mapping (gVisor retransmitting a segment
+	// sent earlier) keep their own mapping: sent bare, a data segment
+	// overtook the infinite mapping and Linux fell back on "data without
+	// DSS" instead (DssFallback, TestInteropMPFail/mptun-sends, ~1 run in
+	// 10 here).
+	if c.fallback && !sf.beforeInfiniteLocked(seg) {
 		return 0, 0
 	}
 	if seg.SYN() {

@@ -46,6 +46,7 @@ type Conn struct {
 	localKey       Key
 	remoteKey      Key
 	remoteKeyKnown bool
+	startedAt      time.Time // start(): the connection is established
 	// awaitKey is the accept that waits for the peer's key (see
 	// keyArrivedLocked); nil when none does.
 	awaitKey      func()
@@ -253,6 +254,7 @@ func (c *Conn) start() {
 	c.e.MIB.SubflowsEstablished.Add(1)
 	c.mu.Lock()
 	c.lastProgress = time.Now()
+	c.startedAt = c.lastProgress
 	sfs := append([]*subflow(nil), c.subflows...)
 	c.mu.Unlock()
 	if !c.active {

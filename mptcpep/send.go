@@ -592,6 +592,12 @@ func (c *Conn) finHoldLocked(rto time.Duration) time.Time {
 			later(sf.created)
 		}
 	}
+	if !c.active && len(c.announced) > 0 {
+		// A multi-homed listener: the peer's own joins (a Linux client's
+		// subflow endpoints) start when it sees the connection
+		// established and may come after our ADD_ADDR's echo.
+		later(c.startedAt)
+	}
 	for _, an := range c.announced {
 		switch {
 		case an.acked || an.tries >= 3:

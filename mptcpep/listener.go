@@ -127,6 +127,12 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 			return nil, true
 		}
 		c.mu.Lock()
+		reject := func(reason uint8, transient bool) (netstack.Flow, bool) {
+			c.mu.Unlock()
+			e.MIB.MPJoinRejected.Add(1)
+			l.refuse(seg, reason, transient)
+			return nil, true
+		}
 		live := 0
 		for _, s := range c.subflows {
 			if s.state != sfClosed {
@@ -136,28 +142,18 @@ func (l *Listener) SYN(seg *netstack.Segment) (netstack.Flow, bool) {
 		if e.cfg.DenyJoinInitialAddr && len(c.subflows) > 0 && seg.Tuple.Local == c.subflows[0].tuple.Local {
 			// We said so with the C flag; a client that joins anyway is
 			// refused for good.
-			c.mu.Unlock()
-			e.MIB.MPJoinRejected.Add(1)
-			l.refuse(seg, header.RstReasonAdminProhibited, false)
-			return nil, true
+			return reject(header.RstReasonAdminProhibited, false)
 		}
 		if live >= e.cfg.MaxSubflows {
 			// The subflow limit: "administratively prohibited", as
 			// Linux answers its PM's limits; transient, since a
 			// subflow may close and make room.
-			c.mu.Unlock()
-			e.MIB.MPJoinRejected.Add(1)
-			l.refuse(seg, header.RstReasonAdminProhibited, true)
-			return nil, true
+			return reject(header.RstReasonAdminProhibited, true)
 		}
 		if !c.remoteKeyKnown || c.fallback || c.fail.pending() {
 			// Not (or no longer) a connection that takes joins; only
 			// the missing key can change.
-			transient := !c.remoteKeyKnown && !c.fallback
-			c.mu.Unlock()
-			e.MIB.MPJoinRejected.Add(1)
-			l.refuse(seg, header.RstReasonMPTCPError, transient)
-			return nil, true
+			return reject(header.RstReasonMPTCPError, !c.remoteKeyKnown && !c.fallback)
 		}
 		sf := newSubflow(c, seg.Tuple, false, false)
 		sf.state = sfSynRcvd

@@ -99,8 +99,8 @@ func (m *Mux) SetPanicHandler(h PanicHandler) {
 
 // contain turns a panic of flow f on a segment of t into the loss of that
 // flow alone: one peer's segments must not take down a process that serves
-// many (a concentrator). Deferred around every call into a Flow; ok is set
-// to false when it recovered.
+// many (a concentrator). Deferred around every call into a Flow, with the
+// caller's named result: it is set to false when it recovered.
 func (m *Mux) contain(t Tuple, f Flow, ok *bool) {
 	v := recover()
 	if v == nil {
@@ -355,13 +355,7 @@ func (l *Layer) inbound(pkt *stack.PacketBuffer) bool {
 
 // acceptSYN asks acc about a SYN of a new flow (see Mux.contain).
 func (l *Layer) acceptSYN(acc Acceptor, seg *Segment) (pass bool) {
-	ok := true
-	defer func() {
-		if !ok {
-			pass = false
-		}
-	}()
-	defer l.mux.contain(seg.Tuple, nil, &ok)
+	defer l.mux.contain(seg.Tuple, nil, &pass)
 	f, drop := acc.SYN(seg)
 	if f != nil {
 		l.mux.Register(seg.Tuple, f)
@@ -371,23 +365,16 @@ func (l *Layer) acceptSYN(acc Acceptor, seg *Segment) (pass bool) {
 
 // incoming shows seg to its flow (see Mux.contain).
 func (l *Layer) incoming(f Flow, seg *Segment) (pass bool) {
-	ok := true
-	defer func() {
-		if !ok {
-			pass = false
-		}
-	}()
-	defer l.mux.contain(seg.Tuple, f, &ok)
+	defer l.mux.contain(seg.Tuple, f, &pass)
 	return f.Incoming(seg)
 }
 
 // outgoing asks f for the options of seg; ok is false when f panicked
 // (see Mux.contain).
 func (l *Layer) outgoing(f Flow, seg *Segment, opt []byte) (n, cover int, ok bool) {
-	ok = true
 	defer l.mux.contain(seg.Tuple, f, &ok)
 	n, cover = f.Outgoing(seg, opt)
-	return n, cover, ok
+	return n, cover, true
 }
 
 // handledMark tags a packet that AddHeader finished (options written in

@@ -37,6 +37,16 @@ type worldOpts struct {
 	wrapClient, wrapServer func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint
 }
 
+// wrapSide puts the middlebox mb in front of the server's NICs (server)
+// or the client's.
+func (o *worldOpts) wrapSide(server bool, mb func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint) {
+	if server {
+		o.wrapServer = mb
+	} else {
+		o.wrapClient = mb
+	}
+}
+
 // newWorldOpts builds a world like newWorld, with the extras of o.
 func newWorldOpts(t *testing.T, o worldOpts) *world {
 	t.Helper()

@@ -352,11 +352,7 @@ func TestOptionStripping(t *testing.T) {
 				return box
 			}
 			o := worldOpts{paths: []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}}}
-			if tc.server {
-				o.wrapServer = mb
-			} else {
-				o.wrapClient = mb
-			}
+			o.wrapSide(tc.server, mb)
 			w := newWorldOpts(t, o)
 			cc, sc := dialAccept(t, ctx, w, 86)
 			require.Positive(t, box.hits.Load(), "the middlebox stripped something")
@@ -801,11 +797,7 @@ func TestMPCapableWithoutHMACFlag(t *testing.T) {
 				return box
 			}
 			o := worldOpts{paths: []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}}}
-			if tc.server {
-				o.wrapServer = mb
-			} else {
-				o.wrapClient = mb
-			}
+			o.wrapSide(tc.server, mb)
 			w := newWorldOpts(t, o)
 			cc, sc := dialAccept(t, ctx, w, 88)
 			require.Positive(t, box.hits.Load())

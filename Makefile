@@ -66,7 +66,7 @@ test-unit:
 # option layer share buffers outside the connection lock. Not part of
 # `make test` (it doubles the engine's test time); run it after changes there.
 test-race:
-	$(GO) test -race -count=1 -timeout 15m ./mptcpep/... ./netstack/... ./cmd/mptun/
+	$(GO) test -race -count=1 -timeout 15m ./mptcpep/... ./netstack/... ./engine/ ./cmd/mptun/
 
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh

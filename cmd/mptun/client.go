@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/mptun/mptun/bond/client"
+	"github.com/mptun/mptun/engine"
 	"github.com/mptun/mptun/hostnet"
 	"github.com/mptun/mptun/mptcpep"
 	"github.com/mptun/mptun/tun"
@@ -132,13 +133,10 @@ type clientDaemon struct {
 	// unboundAuth: tags over zero keys (--unbound-auth).
 	unboundAuth bool
 	metricsAddr string
-	eng         *engine
+	eng         *engine.Engine
 	cl          *client.Client
 	meter       *client.RateMeter
 	undo        []func() // run last-first by close
-
-	mu      sync.Mutex
-	linkErr error
 }
 
 func (d *clientDaemon) close() {
@@ -165,7 +163,7 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	// The concentrator must answer before we take over any routing: a
 	// wrong address should not black-hole the host's traffic.
 	pctx, cancel := context.WithTimeout(ctx, setupTimeout)
-	probe, err := eng.ep.Dial(pctx, d.server)
+	probe, err := eng.Endpoint().Dial(pctx, d.server)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("concentrator %s unreachable over the uplinks (%s): %w", d.server, cf.uplinks.String(), err)
@@ -204,7 +202,7 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	}
 	cc.Stack = st
 	cc.Dial = func(ctx context.Context) (client.Upstream, error) {
-		c, err := eng.ep.Dial(ctx, d.server)
+		c, err := eng.Endpoint().Dial(ctx, d.server)
 		if err != nil || !d.unboundAuth {
 			return c, err
 		}
@@ -218,7 +216,7 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	d.undo = append(d.undo, cl.Close)
 	if d.metricsAddr != "" {
 		stop, err := serveMetrics(ctx, d.metricsAddr, func(w io.Writer) error {
-			return writeClientMetrics(w, cl.Stats(), d.eng.ep.MIB.Snapshot())
+			return writeClientMetrics(w, cl.Stats(), d.eng.Endpoint().MIB.Snapshot())
 		}, d.log)
 		if err != nil {
 			return err
@@ -233,36 +231,29 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 		wg.Wait()
 	})
 	d.meter = client.NewRateMeter()
-	wg.Add(2)
+	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		d.meter.Run(mctx, time.Second, eng.ep.Conns)
+		d.meter.Run(mctx, time.Second, eng.Endpoint().Conns)
 	}()
-	go func() {
-		defer wg.Done()
-		if err := eng.watchUplinks(mctx); err != nil {
-			d.mu.Lock()
-			d.linkErr = err
-			d.mu.Unlock()
-		}
-	}()
+	eng.WatchUplinks(ctx)
 	return nil
 }
 
 func (d *clientDaemon) status(name string) client.Status {
-	conns := d.eng.ep.Conns()
+	conns := d.eng.Endpoint().Conns()
 	cs, iv := d.meter.Conns(conns)
 	st := client.Status{Name: name, PID: os.Getpid(), Server: d.server.String(), Started: d.started,
-		Flows: d.cl.Stats(), Conns: cs, MIB: nonZero(d.eng.ep.MIB.Snapshot()), Interval: iv.Seconds()}
-	for i, u := range d.eng.host.Uplinks {
+		Flows: d.cl.Stats(), Conns: cs, MIB: nonZero(d.eng.Endpoint().MIB.Snapshot()), Interval: iv.Seconds()}
+	for i, u := range d.eng.Uplinks() {
 		us := client.UplinkStatus{Iface: u.Spec.Iface, TUN: u.TUNName, Addr: u.ExternalAddr.String(),
-			Backup: u.Spec.Backup, Up: !d.eng.uplinkDown(uint8(i + 1))}
+			Backup: u.Spec.Backup, Up: !d.eng.UplinkDown(engine.LocalID(i))}
 		if u.Gateway.IsValid() {
 			us.Gateway = u.Gateway.String()
 		}
 		for _, c := range cs {
 			for _, sf := range c.Subflows {
-				if sf.LocalID == uint8(i+1) || (sf.LocalID == 0 && strings.HasPrefix(sf.Local, u.StackAddr.String()+":")) {
+				if sf.LocalID == engine.LocalID(i) || (sf.LocalID == 0 && strings.HasPrefix(sf.Local, u.StackAddr.String()+":")) {
 					if sf.State == "established" {
 						us.Subflows++
 					}

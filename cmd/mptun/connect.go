@@ -46,13 +46,12 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		return err
 	}
 	defer eng.Close()
-	wctx, stopWatch := context.WithCancel(ctx)
-	defer stopWatch()
-	go func() { _ = eng.watchUplinks(wctx) }()
+	eng.WatchUplinks(ctx)
+	ep := eng.Endpoint()
 	dctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	if *plain {
-		u := eng.host.Uplinks[0]
+		u := eng.Uplinks()[0]
 		proto := ipv4.ProtocolNumber
 		if remote.Addr().Is6() {
 			proto = ipv6.ProtocolNumber
@@ -60,13 +59,13 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		// The same receive buffer an MPTCP subflow gets, so the baseline
 		// differs only by the option layer and the meta-socket.
 		var rb tcpip.TCPReceiveBufferSizeRangeOption
-		if err := eng.st.S.TransportProtocolOption(tcp.ProtocolNumber, &rb); err == nil {
-			rb.Default = eng.ep.SubflowReceiveBuffer()
-			if err := eng.st.S.SetTransportProtocolOption(tcp.ProtocolNumber, &rb); err != nil {
+		if err := ep.Stack().S.TransportProtocolOption(tcp.ProtocolNumber, &rb); err == nil {
+			rb.Default = ep.SubflowReceiveBuffer()
+			if err := ep.Stack().S.SetTransportProtocolOption(tcp.ProtocolNumber, &rb); err != nil {
 				return fmt.Errorf("plain: receive buffer: %s", err)
 			}
 		}
-		pc, err := gonet.DialTCPWithBind(dctx, eng.st.S,
+		pc, err := gonet.DialTCPWithBind(dctx, ep.Stack().S,
 			tcpip.FullAddress{Addr: tcpip.AddrFromSlice(u.StackAddr.AsSlice())},
 			tcpip.FullAddress{Addr: tcpip.AddrFromSlice(remote.Addr().AsSlice()), Port: remote.Port()}, proto)
 		if err != nil {
@@ -75,7 +74,7 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		defer pc.Close()
 		return pipe(ctx, pc, stdin, stdout)
 	}
-	conn, err := eng.ep.Dial(dctx, remote)
+	conn, err := ep.Dial(dctx, remote)
 	cancel()
 	if err != nil {
 		return err
@@ -84,7 +83,7 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	err = pipe(ctx, conn, stdin, stdout)
 	stopStats()
 	if cf.stats {
-		printStats(stderr, conn, eng.ep)
+		printStats(stderr, conn, ep)
 	}
 	conn.Close()
 	return err

@@ -37,10 +37,8 @@ func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		return err
 	}
 	defer eng.Close()
-	wctx, stopWatch := context.WithCancel(ctx)
-	defer stopWatch()
-	go func() { _ = eng.watchUplinks(wctx) }()
-	l, err := eng.ep.Listen(uint16(port))
+	eng.WatchUplinks(ctx)
+	l, err := eng.Endpoint().Listen(uint16(port))
 	if err != nil {
 		return err
 	}
@@ -64,7 +62,7 @@ func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		err = pipe(ctx, conn, in, stdout)
 		stopStats()
 		if cf.stats {
-			printStats(stderr, conn, eng.ep)
+			printStats(stderr, conn, eng.Endpoint())
 		}
 		conn.Close()
 		in = strings.NewReader("")

@@ -103,12 +103,12 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 		defer eng.Close()
-		ml, err := eng.ep.Listen(ap.Port())
+		ml, err := eng.Endpoint().Listen(ap.Port())
 		if err != nil {
 			return err
 		}
 		l = ml
-		mib = eng.ep.MIB.Snapshot
+		mib = eng.Endpoint().MIB.Snapshot
 	}
 	srv, err := server.New(cfg)
 	if err != nil {

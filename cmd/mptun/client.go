@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -46,10 +45,8 @@ func (p *prefixFlags) Set(v string) error {
 
 // cmdClient runs the bonding client until ctx ends.
 func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("client", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var cf commonFlags
-	cf.register(fs)
+	f := newCmdFlags("client")
+	fs := f.fs
 	serverFlag := fs.String("server", "", "concentrator `ADDR:PORT`")
 	keyFile := fs.String("key-file", "", "pre-shared key `FILE` (from `mptun genkey`)")
 	var routes prefixFlags
@@ -61,23 +58,11 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 	udpIdle := fs.Duration("udp-idle", client.DefaultUDPIdle, "close UDP associations idle this long")
 	setupTimeout := fs.Duration("setup-timeout", client.DefaultSetupTimeout, "bound on reaching the concentrator per flow")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics (flow counters, MPTCP MIB) on `ADDR` (/metrics)")
-	configPath := fs.String("config", "", "TOML config `FILE` ([client] section); flags override it")
 	unbound := fs.Bool("unbound-auth", false, "authenticate without binding the tag to the MPTCP keys: for a concentrator running `mptun server --kernel` (kernel sockets do not expose the keys) or accepting plain TCP; such a tag can be replayed")
 	socket := fs.String("socket", "", "control socket `PATH` (default /run/mptun/<tun>.sock)")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
-	}
-	if fs.NArg() != 0 {
-		return usageError{fmt.Errorf("unexpected arguments %q", fs.Args())}
-	}
-	if *configPath != "" {
-		fc, err := loadConfig(*configPath)
-		if err != nil {
-			return err
-		}
-		if err := applyConfig(fs, fc.Client.flagValues()); err != nil {
-			return err
-		}
+	f.withConfig(func(fc *fileConfig) map[string][]string { return fc.Client.flagValues() })
+	if err := f.parse(args, 0, "", stderr); err != nil {
+		return err
 	}
 	if *serverFlag == "" {
 		return usageError{errors.New("--server ADDR:PORT is required")}
@@ -98,16 +83,13 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(cf.logLevel, stderr)
-	if err != nil {
-		return err
-	}
+	log := f.log
 	if *socket == "" {
 		*socket = client.SocketPath(*tunName)
 	}
 	d := &clientDaemon{log: log, server: srvAddr, unboundAuth: *unbound, metricsAddr: *metrics}
 	defer d.close()
-	if err := d.start(ctx, &cf, client.TunnelConfig{
+	if err := d.start(ctx, f, client.TunnelConfig{
 		Name: *tunName, MTU: *tunMTU, Routes: routes, DefaultRoute: *defRoute,
 		Exclude: []netip.Addr{srvAddr.Addr()}, Logger: log,
 	}, client.Config{PSK: psk, QUIC: qp, UDPIdle: *udpIdle, SetupTimeout: *setupTimeout, Logger: log}, *setupTimeout); err != nil {
@@ -118,7 +100,7 @@ func cmdClient(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	d.undo = append(d.undo, stopCtl)
-	log.Warn("mptun client ready", "tun", *tunName, "server", srvAddr, "uplinks", cf.uplinks.String(),
+	log.Warn("mptun client ready", "tun", *tunName, "server", srvAddr, "uplinks", f.uplinks.String(),
 		"routes", routes.String(), "default_route", *defRoute, "quic", qp, "control", *socket)
 	<-ctx.Done()
 	log.Info("shutting down")
@@ -146,16 +128,16 @@ func (d *clientDaemon) close() {
 	d.undo = nil
 }
 
-func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.TunnelConfig, cc client.Config, setupTimeout time.Duration) error {
+func (d *clientDaemon) start(ctx context.Context, f *cmdFlags, tc client.TunnelConfig, cc client.Config, setupTimeout time.Duration) error {
 	d.started = time.Now()
 	// A client or server killed with SIGKILL leaves policy rules and nft
 	// tables (its TUNs vanished with it); remove them before adding ours.
 	if err := hostnet.CleanupStale(hostnet.DefaultPrefix); err != nil {
 		d.log.Warn("removing leftovers of a crashed mptun", "err", err)
 	}
-	eng, err := startEngine(ctx, hostnet.ModeConnect, cf, 0, d.log)
+	eng, err := f.startEngine(ctx, hostnet.ModeConnect, 0)
 	if err != nil {
-		return fmt.Errorf("uplinks: %w", err)
+		return err
 	}
 	d.eng = eng
 	d.undo = append(d.undo, eng.Close)
@@ -166,7 +148,7 @@ func (d *clientDaemon) start(ctx context.Context, cf *commonFlags, tc client.Tun
 	probe, err := eng.Endpoint().Dial(pctx, d.server)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("concentrator %s unreachable over the uplinks (%s): %w", d.server, cf.uplinks.String(), err)
+		return fmt.Errorf("concentrator %s unreachable over the uplinks (%s): %w", d.server, f.uplinks.String(), err)
 	}
 	d.log.Info("concentrator reachable", "server", d.server, "mptcp", probe.MultipathTCP())
 	probe.Abort()

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -21,27 +20,17 @@ import (
 )
 
 func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("connect", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var cf commonFlags
-	cf.register(fs)
-	timeout := fs.Duration("timeout", 10*time.Second, "connection set-up timeout")
-	plain := fs.Bool("plain", false, "plain TCP from the first uplink over the same userspace stack and TUN, no MPTCP (the baseline for the option layer's cost)")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
-	}
-	if fs.NArg() != 1 {
-		return usageError{fmt.Errorf("want exactly one HOST:PORT, got %d arguments", fs.NArg())}
-	}
-	remote, err := netip.ParseAddrPort(fs.Arg(0))
-	if err != nil {
-		return usageError{fmt.Errorf("destination %q: %w", fs.Arg(0), err)}
-	}
-	log, err := newLogger(cf.logLevel, stderr)
-	if err != nil {
+	f := newCmdFlags("connect")
+	timeout := f.fs.Duration("timeout", 10*time.Second, "connection set-up timeout")
+	plain := f.fs.Bool("plain", false, "plain TCP from the first uplink over the same userspace stack and TUN, no MPTCP (the baseline for the option layer's cost)")
+	if err := f.parse(args, 1, "HOST:PORT", stderr); err != nil {
 		return err
 	}
-	eng, err := startEngine(ctx, hostnet.ModeConnect, &cf, 0, log)
+	remote, err := netip.ParseAddrPort(f.fs.Arg(0))
+	if err != nil {
+		return usageError{fmt.Errorf("destination %q: %w", f.fs.Arg(0), err)}
+	}
+	eng, err := f.startEngine(ctx, hostnet.ModeConnect, 0)
 	if err != nil {
 		return err
 	}
@@ -79,10 +68,10 @@ func cmdConnect(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	if err != nil {
 		return err
 	}
-	stopStats := startStatsWatch(ctx, stderr, cf.every, conn.Stats)
+	stopStats := startStatsWatch(ctx, stderr, f.every, conn.Stats)
 	err = pipe(ctx, conn, stdin, stdout)
 	stopStats()
-	if cf.stats {
+	if f.stats {
 		printStats(stderr, conn, ep)
 	}
 	conn.Close()

@@ -15,7 +15,7 @@ const keyLen = 32
 // cmdGenkey prints a new pre-shared key: 32 random bytes in base64.
 func cmdGenkey(args []string, stdout io.Writer) error {
 	if len(args) != 0 {
-		return usageError{fmt.Errorf("genkey takes no arguments")}
+		return usageError{fmt.Errorf("unexpected arguments %q", args)}
 	}
 	var k [keyLen]byte
 	if _, err := rand.Read(k[:]); err != nil {

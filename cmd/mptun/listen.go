@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"io"
 	"strconv"
@@ -12,27 +11,18 @@ import (
 )
 
 func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("listen", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var cf commonFlags
-	cf.register(fs)
-	once := fs.Bool("once", false, "exit after the first connection")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
-	}
-	if fs.NArg() != 1 {
-		return usageError{fmt.Errorf("want exactly one :PORT, got %d arguments", fs.NArg())}
-	}
-	p := strings.TrimPrefix(fs.Arg(0), ":")
-	port, err := strconv.ParseUint(p, 10, 16)
-	if err != nil || port == 0 {
-		return usageError{fmt.Errorf("port %q: want :1-65535", fs.Arg(0))}
-	}
-	log, err := newLogger(cf.logLevel, stderr)
-	if err != nil {
+	f := newCmdFlags("listen")
+	once := f.fs.Bool("once", false, "exit after the first connection")
+	if err := f.parse(args, 1, ":PORT", stderr); err != nil {
 		return err
 	}
-	eng, err := startEngine(ctx, hostnet.ModeListen, &cf, uint16(port), log)
+	p := strings.TrimPrefix(f.fs.Arg(0), ":")
+	port, err := strconv.ParseUint(p, 10, 16)
+	if err != nil || port == 0 {
+		return usageError{fmt.Errorf("port %q: want :1-65535", f.fs.Arg(0))}
+	}
+	log := f.log
+	eng, err := f.startEngine(ctx, hostnet.ModeListen, uint16(port))
 	if err != nil {
 		return err
 	}
@@ -58,10 +48,10 @@ func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 			return err
 		}
 		log.Info("accepted", "remote", conn.RemoteAddr(), "mptcp", conn.MultipathTCP())
-		stopStats := startStatsWatch(ctx, stderr, cf.every, conn.Stats)
+		stopStats := startStatsWatch(ctx, stderr, f.every, conn.Stats)
 		err = pipe(ctx, conn, in, stdout)
 		stopStats()
-		if cf.stats {
+		if f.stats {
 			printStats(stderr, conn, eng.Endpoint())
 		}
 		conn.Close()

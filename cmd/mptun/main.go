@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -87,21 +88,34 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "mptun: unknown command %q\n\n%s", args[0], usage)
 		return 2
 	}
-	if err != nil {
-		var ue usageError
-		if errors.As(err, &ue) {
-			fmt.Fprintf(stderr, "mptun %s: %v\n", args[0], err)
-			return 2
-		}
-		if errors.Is(err, context.Canceled) {
-			return 130
-		}
-		fmt.Fprintf(stderr, "mptun %s: %v\n", args[0], err)
-		return 1
-	}
-	return 0
+	return report(stderr, args[0], err)
 }
 
+// report prints a command's error, the one place that does, so every
+// error reads "mptun CMD: ...", and returns the exit status: 0 (none, or
+// -h: the flags are printed already), 2 for usage errors (a refused flag
+// also lists the flags), 130 when interrupted, 1 otherwise.
+func report(stderr io.Writer, cmd string, err error) int {
+	var ue usageError
+	var fe *flagsError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, &fe):
+		fmt.Fprintf(stderr, "mptun %s: %v\n", cmd, err)
+		printFlags(stderr, fe.fs)
+		return 2
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "mptun %s: %v\n", cmd, err)
+		return 2
+	case errors.Is(err, context.Canceled):
+		return 130
+	}
+	fmt.Fprintf(stderr, "mptun %s: %v\n", cmd, err)
+	return 1
+}
+
+// usageError is a mistake on the command line (exit status 2).
 type usageError struct{ error }
 
 func newLogger(level string, w io.Writer) (*slog.Logger, error) {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -17,10 +16,8 @@ import (
 
 // cmdServer runs the concentrator until ctx ends.
 func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("server", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var cf commonFlags
-	cf.register(fs)
+	f := newCmdFlags("server")
+	fs := f.fs
 	listen := fs.String("listen", "", "accept clients on `ADDR:PORT`")
 	keyFile := fs.String("key-file", "", "pre-shared key `FILE` (from `mptun genkey`)")
 	kernel := fs.Bool("kernel", false, "accept with the kernel's MPTCP sockets instead of the userspace stack")
@@ -30,21 +27,9 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 	perClient := fs.Int("max-conns-per-client", 256, "concurrent connections per client address")
 	tcpIdle := fs.Duration("tcp-idle", 2*time.Hour, "close TCP flows idle this long")
 	udpIdle := fs.Duration("udp-idle", 60*time.Second, "close UDP associations idle this long")
-	configPath := fs.String("config", "", "TOML config `FILE` ([server] section); flags override it")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
-	}
-	if fs.NArg() != 0 {
-		return usageError{fmt.Errorf("unexpected arguments %q", fs.Args())}
-	}
-	if *configPath != "" {
-		fc, err := loadConfig(*configPath)
-		if err != nil {
-			return err
-		}
-		if err := applyConfig(fs, fc.Server.flagValues()); err != nil {
-			return err
-		}
+	f.withConfig(func(fc *fileConfig) map[string][]string { return fc.Server.flagValues() })
+	if err := f.parse(args, 0, "", stderr); err != nil {
+		return err
 	}
 	if *listen == "" {
 		return usageError{errors.New("--listen ADDR:PORT is required")}
@@ -57,10 +42,7 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(cf.logLevel, stderr)
-	if err != nil {
-		return err
-	}
+	log := f.log
 	own := &ownAddrs{}
 	cfg := server.Config{
 		PSK:               psk,
@@ -87,7 +69,7 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		l = kl
 	} else {
-		if len(cf.uplinks) == 0 {
+		if len(f.uplinks) == 0 {
 			iface, err := ifaceHolding(ap.Addr())
 			if err != nil {
 				return usageError{fmt.Errorf("--uplink not given and %w", err)}
@@ -96,9 +78,9 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 			if err != nil {
 				return err
 			}
-			cf.uplinks = append(cf.uplinks, spec)
+			f.uplinks = append(f.uplinks, spec)
 		}
-		eng, err := startEngine(ctx, hostnet.ModeListen, &cf, ap.Port(), log)
+		eng, err := f.startEngine(ctx, hostnet.ModeListen, ap.Port())
 		if err != nil {
 			return err
 		}
@@ -127,7 +109,7 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		defer stop()
 	}
-	log.Info("concentrator ready", "listen", ap, "kernel", *kernel, "uplinks", cf.uplinks.String())
+	log.Info("concentrator ready", "listen", ap, "kernel", *kernel, "uplinks", f.uplinks.String())
 	err = srv.Serve(ctx, l)
 	if errors.Is(err, context.Canceled) {
 		log.Info("shutting down")

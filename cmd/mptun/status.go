@@ -16,12 +16,11 @@ import (
 // cmdStatus asks a running client for its state over the control socket.
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	asJSON := fs.Bool("json", false, "print the raw JSON")
 	name := fs.String("tun", client.DefaultTUNName, "tunnel `NAME` of the client to ask")
 	socket := fs.String("socket", "", "control socket `PATH` (default /run/mptun/<tun>.sock)")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
 	}
 	if fs.NArg() != 0 {
 		return usageError{fmt.Errorf("unexpected arguments %q", fs.Args())}
@@ -41,7 +40,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	var st client.Status
 	if err := json.Unmarshal(raw, &st); err != nil {
-		return fmt.Errorf("status: %w", err)
+		return fmt.Errorf("reply from %s: %w", *socket, err)
 	}
 	return printStatus(stdout, &st)
 }

@@ -38,6 +38,11 @@ type Config struct {
 	MTU int
 	// Checksum requests DSS checksums.
 	Checksum bool
+	// DenyJoinInitialAddr refuses joins to the address a connection began
+	// on and says so with the MP_CAPABLE C flag (mptcpep.Config), for a
+	// listener behind a load balancer that would not steer joins to it.
+	// ModeListen only: only a listener is joined.
+	DenyJoinInitialAddr bool
 	// Logger (nil: slog.Default()).
 	Logger *slog.Logger
 }
@@ -56,6 +61,9 @@ func (c *Config) Validate() error {
 	case hostnet.ModeConnect:
 		if c.ListenPort != 0 {
 			return &ConfigError{"a listen port is for listen mode only"}
+		}
+		if c.DenyJoinInitialAddr {
+			return &ConfigError{"refusing joins to the initial address is for listen mode only"}
 		}
 	case hostnet.ModeListen:
 		if c.ListenPort == 0 {
@@ -142,7 +150,7 @@ func Start(ctx context.Context, cfg Config) (*Engine, error) {
 		announce = append(announce, mptcpep.Local{Addr: u.StackAddr, ID: id, Public: u.ExternalAddr})
 		log.Info("uplink ready", "iface", u.Spec.Iface, "tun", u.TUNName, "stack", u.StackAddr, "external", u.ExternalAddr, "gateway", u.Gateway)
 	}
-	e.ep = mptcpep.New(st, mptcpep.Config{Checksum: cfg.Checksum, Logger: log})
+	e.ep = mptcpep.New(st, mptcpep.Config{Checksum: cfg.Checksum, DenyJoinInitialAddr: cfg.DenyJoinInitialAddr, Logger: log})
 	e.ep.SetLocals(locals)
 	e.uplinks = newUplinkSet(locals)
 	if cfg.Mode == hostnet.ModeListen {

@@ -23,6 +23,8 @@ func TestConfigValidate(t *testing.T) {
 		{"no mode", Config{Uplinks: eth0}, "unknown mode"},
 		{"listen without port", Config{Mode: hostnet.ModeListen, Uplinks: eth0}, "needs a port"},
 		{"connect with port", Config{Mode: hostnet.ModeConnect, Uplinks: eth0, ListenPort: 5000}, "listen mode only"},
+		{"listen denying joins to the initial address", Config{Mode: hostnet.ModeListen, Uplinks: eth0, ListenPort: 5000, DenyJoinInitialAddr: true}, ""},
+		{"connect denying joins to the initial address", Config{Mode: hostnet.ModeConnect, Uplinks: eth0, DenyJoinInitialAddr: true}, "listen mode only"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

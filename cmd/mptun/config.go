@@ -36,6 +36,7 @@ type serverFileConfig struct {
 	KeyFile           string   `toml:"key_file"`
 	Kernel            bool     `toml:"kernel"`
 	Uplinks           []string `toml:"uplinks"`
+	DenyJoinInitial   bool     `toml:"deny_join_initial"`
 	Metrics           string   `toml:"metrics"`
 	AllowPrivate      bool     `toml:"allow_private"`
 	AllowFallback     bool     `toml:"allow_fallback"`
@@ -120,6 +121,7 @@ func (c *serverFileConfig) flagValues() map[string][]string {
 	if len(c.Uplinks) > 0 {
 		m["uplink"] = c.Uplinks
 	}
+	boolean("deny-join-initial", c.DenyJoinInitial)
 	str("metrics", c.Metrics)
 	boolean("allow-private", c.AllowPrivate)
 	boolean("allow-fallback", c.AllowFallback)

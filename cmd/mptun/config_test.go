@@ -50,8 +50,10 @@ func TestApplyConfigFlagsWin(t *testing.T) {
 	kernel := fs.Bool("kernel", false, "")
 	idle := fs.Duration("udp-idle", time.Minute, "")
 	require.NoError(t, fs.Parse([]string{"--listen", "10.0.0.1:1"}))
-	c := serverFileConfig{Listen: "1.1.1.1:2", Kernel: true, Uplinks: []string{"eth0", "eth1,backup"}, UDPIdle: duration{30 * time.Second}}
+	deny := fs.Bool("deny-join-initial", false, "")
+	c := serverFileConfig{Listen: "1.1.1.1:2", Kernel: true, Uplinks: []string{"eth0", "eth1,backup"}, UDPIdle: duration{30 * time.Second}, DenyJoinInitial: true}
 	require.NoError(t, applyConfig(fs, c.flagValues()))
+	require.True(t, *deny)
 	require.Equal(t, "10.0.0.1:1", *listen, "command line wins")
 	require.True(t, *kernel)
 	require.Equal(t, 30*time.Second, *idle)

@@ -64,6 +64,8 @@ type cmdFlags struct {
 	// section picks the command's part of a --config file (nil: no --config).
 	section    func(*fileConfig) map[string][]string
 	configPath *string
+	// denyJoinInitial is --deny-join-initial (listen mode commands).
+	denyJoinInitial bool
 	// log is set by parse.
 	log *slog.Logger
 }
@@ -81,6 +83,13 @@ func newCmdFlags(name string) *cmdFlags {
 func (c *cmdFlags) withConfig(section func(*fileConfig) map[string][]string) {
 	c.section = section
 	c.configPath = c.fs.String("config", "", fmt.Sprintf("TOML config `FILE` ([%s] section); flags override it", c.fs.Name()))
+}
+
+// withDenyJoinInitial adds --deny-join-initial, for the commands that
+// accept connections on the engine.
+func (c *cmdFlags) withDenyJoinInitial() {
+	c.fs.BoolVar(&c.denyJoinInitial, "deny-join-initial", false,
+		"refuse MP_JOINs to the address a connection began on and tell clients so (MP_CAPABLE C flag), as Linux's net.mptcp.allow_join_initial_addr_port=0: for a server behind a load balancer that would not steer joins to it")
 }
 
 // parse parses args, wants exactly nargs positional arguments (what names
@@ -149,7 +158,8 @@ func printFlags(w io.Writer, fs *flag.FlagSet) {
 // startEngine starts the engine on the command's uplinks; a Config the
 // engine refuses is the user's mistake, a usage error.
 func (c *cmdFlags) startEngine(ctx context.Context, mode hostnet.Mode, port uint16) (*engine.Engine, error) {
-	eng, err := engine.Start(ctx, engine.Config{Mode: mode, Uplinks: c.uplinks, ListenPort: port, MTU: c.mtu, Checksum: c.checksum, Logger: c.log})
+	eng, err := engine.Start(ctx, engine.Config{Mode: mode, Uplinks: c.uplinks, ListenPort: port, MTU: c.mtu, Checksum: c.checksum,
+		DenyJoinInitialAddr: c.denyJoinInitial, Logger: c.log})
 	var ce *engine.ConfigError
 	if errors.As(err, &ce) {
 		return nil, usageError{err}

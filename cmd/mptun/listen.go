@@ -13,6 +13,7 @@ import (
 func cmdListen(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	f := newCmdFlags("listen")
 	once := f.fs.Bool("once", false, "exit after the first connection")
+	f.withDenyJoinInitial()
 	if err := f.parse(args, 1, ":PORT", stderr); err != nil {
 		return err
 	}

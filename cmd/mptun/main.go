@@ -2,6 +2,9 @@
 //
 //	mptun connect [--uplink IFACE[,via=GW][,backup]]... HOST:PORT
 //	mptun listen  [--uplink IFACE]... [--once] :PORT
+//	mptun server | client | genkey | status   (the bonding tunnel)
+//
+// `mptun` alone prints the usage, `mptun CMD -h` a command's flags.
 package main
 
 import (
@@ -23,13 +26,14 @@ usage:
   mptun connect [--uplink IFACE[,via=GATEWAY][,backup]]... [flags] HOST:PORT
       open an MPTCP connection with one subflow per uplink; copy stdin to it
       and it to stdout; half-close when stdin ends; exit 0 when both are done
-  mptun listen [--uplink IFACE]... [--once] [flags] :PORT
+  mptun listen [--uplink IFACE]... [--once] [--deny-join-initial] [flags] :PORT
       accept MPTCP (and plain TCP) connections arriving over the uplinks
 
   mptun genkey
       print a new pre-shared key (32 random bytes, base64)
   mptun server --listen ADDR:PORT --key-file KEYFILE [--kernel] [--uplink IFACE]...
-               [--metrics ADDR] [--allow-private] [--allow-fallback] [--config FILE]
+               [--metrics ADDR] [--allow-private] [--allow-fallback] [--deny-join-initial]
+               [--config FILE]
       the concentrator: authenticates clients and relays their flows
   mptun client --server ADDR:PORT --key-file KEYFILE --uplink IFACE[,via=GATEWAY][,backup]...
                [--route PREFIX]... [--default-route] [--tun NAME] [--quic carry|reject] [--config FILE]

@@ -27,6 +27,7 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 	perClient := fs.Int("max-conns-per-client", 256, "concurrent connections per client address")
 	tcpIdle := fs.Duration("tcp-idle", 2*time.Hour, "close TCP flows idle this long")
 	udpIdle := fs.Duration("udp-idle", 60*time.Second, "close UDP associations idle this long")
+	f.withDenyJoinInitial()
 	f.withConfig(func(fc *fileConfig) map[string][]string { return fc.Server.flagValues() })
 	if err := f.parse(args, 0, "", stderr); err != nil {
 		return err
@@ -57,6 +58,9 @@ func cmdServer(ctx context.Context, args []string, stderr io.Writer) error {
 	var l net.Listener
 	var mib func() map[string]uint64
 	if *kernel {
+		if f.denyJoinInitial {
+			return usageError{errors.New("--deny-join-initial is for the userspace engine; with --kernel set the sysctl net.mptcp.allow_join_initial_addr_port=0")}
+		}
 		// The kernel does not expose the MPTCP keys of its sockets, so the
 		// authenticator cannot be bound to them: clients must use zero keys.
 		cfg.AllowUnbound = true

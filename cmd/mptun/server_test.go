@@ -127,3 +127,15 @@ func TestServerUsageErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestServerDenyJoinInitialNeedsEngine: the flag configures the userspace
+// engine; the kernel has its own sysctl, which the error names.
+func TestServerDenyJoinInitialNeedsEngine(t *testing.T) {
+	keyPath := filepath.Join(t.TempDir(), "key")
+	require.NoError(t, os.WriteFile(keyPath, []byte(base64.StdEncoding.EncodeToString(make([]byte, 32))+"\n"), 0o600))
+	var stderr bytes.Buffer
+	code := run([]string{"server", "--kernel", "--deny-join-initial", "--listen", freePort(t), "--key-file", keyPath}, nil, io.Discard, &stderr)
+	require.Equal(t, 2, code, "a usage error: %s", stderr.String())
+	require.Contains(t, stderr.String(), "mptun server: --deny-join-initial is for the userspace engine")
+	require.Contains(t, stderr.String(), "allow_join_initial_addr_port=0")
+}

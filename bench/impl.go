@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os/exec"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/mptun/mptun/lab"
@@ -30,10 +31,11 @@ type Env struct {
 	Port int
 }
 
-// Impl is one way of moving bytes from client to server: single-path TCP,
-// the kernel's MPTCP, later mptun's engine and tunnel. Adding one means
-// writing a Transfer function (usually a call of iperf3Transfer with the
-// right command wrappers) and listing it in implementations.
+// Impl is one way of moving bytes from client to server, one file each:
+// single-path TCP and the kernel's MPTCP (baselines.go), mptun's engine
+// (mptun_engine.go) and tunnel (mptun_tunnel.go). Adding one means writing
+// a Transfer function (usually a call of iperf3Transfer with the right
+// command wrappers) in a file of its own and listing it in implementations.
 type Impl struct {
 	Name string
 	// Setup runs once per scenario topology before its transfers (optional).
@@ -57,33 +59,6 @@ func implementations(s Scenario, cfg implConfig) []Impl {
 	}
 	out = append(out, mptunTunnel(cfg))
 	return out
-}
-
-// singlePathTCP is plain kernel TCP over path i alone.
-func singlePathTCP(i int) Impl {
-	return Impl{
-		Name: "tcp-p" + strconv.Itoa(i),
-		Transfer: func(ctx context.Context, env Env) ([]byte, error) {
-			p := env.Topo.Paths[i]
-			return iperf3Transfer(ctx, env, iperf3Opts{Server: p.ServerAddr.String(), Bind: p.ClientAddr.String()})
-		},
-	}
-}
-
-// kernelMPTCP is Linux MPTCP through mptcpize, one subflow endpoint per
-// extra path (kernel path manager).
-func kernelMPTCP() Impl {
-	return Impl{
-		Name:  "kernel-mptcp",
-		Setup: func(ctx context.Context, topo *lab.Topology) error { return topo.EnableKernelMPTCP(ctx) },
-		Transfer: func(ctx context.Context, env Env) ([]byte, error) {
-			p := env.Topo.Paths[0]
-			return iperf3Transfer(ctx, env, iperf3Opts{
-				Server: p.ServerAddr.String(), Bind: p.ClientAddr.String(),
-				Wrap: []string{"mptcpize", "run"},
-			})
-		},
-	}
 }
 
 type iperf3Opts struct {
@@ -131,4 +106,12 @@ func iperf3Transfer(ctx context.Context, env Env, o iperf3Opts) ([]byte, error) 
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }

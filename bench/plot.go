@@ -53,9 +53,37 @@ func plotTimeline(dir string, sc Scenario, r Run) (string, error) {
 	return name, nil
 }
 
+// Size of the summary charts.
+const (
+	summaryWidth  = 11 * vg.Inch
+	summaryHeight = 5 * vg.Inch
+)
+
 // plotSummary draws a grouped bar chart: goodput per scenario, one bar per
 // implementation, for one direction.
 func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, error) {
+	ch, err := newSummaryChart(all, runs, d)
+	if err != nil || ch == nil {
+		return "", err
+	}
+	name := fmt.Sprintf("summary-%s.png", d)
+	if err := ch.p.Save(summaryWidth, summaryHeight, filepath.Join(dir, name)); err != nil {
+		return "", fmt.Errorf("save %s: %w", name, err)
+	}
+	return name, nil
+}
+
+// summaryChart is a summary plot before it is saved: one group of bars
+// per scenario (group i at x = i), one bar per implementation.
+type summaryChart struct {
+	p      *plot.Plot
+	bars   []*plotter.BarChart
+	groups int
+}
+
+// newSummaryChart builds the chart of direction d; nil when there is
+// nothing to draw.
+func newSummaryChart(all []Scenario, runs []Run, d Direction) (*summaryChart, error) {
 	// Unshaped scenarios run at Gbit/s and would flatten every other bar.
 	var scenarios []Scenario
 	for _, sc := range all {
@@ -64,7 +92,7 @@ func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, e
 		}
 	}
 	if len(scenarios) == 0 {
-		return "", nil
+		return nil, nil
 	}
 	var impls []string
 	for _, r := range runs {
@@ -73,12 +101,16 @@ func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, e
 		}
 	}
 	if len(impls) == 0 {
-		return "", nil
+		return nil, nil
 	}
-	p := plot.New()
+	ch := &summaryChart{p: plot.New(), groups: len(scenarios)}
+	p := ch.p
 	p.Title.Text = fmt.Sprintf("goodput by scenario (%s)", d)
 	p.Y.Label.Text = "Mbit/s"
-	w := vg.Points(60 / float64(len(impls)))
+	// A group fills at most 70 % of its slot (the width less about an inch
+	// of axis, split evenly), and 60 points when there is room.
+	group := min(vg.Points(60), (summaryWidth-vg.Inch)/vg.Length(len(scenarios))*0.7)
+	w := group / vg.Length(len(impls))
 	for j, impl := range impls {
 		vals := make(plotter.Values, len(scenarios))
 		for i, sc := range scenarios {
@@ -90,13 +122,14 @@ func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, e
 		}
 		bars, err := plotter.NewBarChart(vals, w)
 		if err != nil {
-			return "", fmt.Errorf("bar chart: %w", err)
+			return nil, fmt.Errorf("bar chart: %w", err)
 		}
 		bars.Color = plotutil.Color(j)
 		bars.LineStyle.Width = 0
 		bars.Offset = w * vg.Length(float64(j)-float64(len(impls)-1)/2)
 		p.Add(bars)
 		p.Legend.Add(impl, bars)
+		ch.bars = append(ch.bars, bars)
 	}
 	// Ideal: the sum of path rates.
 	ideal := make(plotter.XYs, len(scenarios))
@@ -107,7 +140,7 @@ func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, e
 	}
 	sp, err := plotter.NewScatter(ideal)
 	if err != nil {
-		return "", fmt.Errorf("scatter: %w", err)
+		return nil, fmt.Errorf("scatter: %w", err)
 	}
 	sp.Color = color.Black
 	p.Add(sp)
@@ -120,11 +153,10 @@ func plotSummary(dir string, all []Scenario, runs []Run, d Direction) (string, e
 	}
 	p.Y.Min, p.Y.Max = 0, top*1.4
 	p.NominalX(names...)
-	name := fmt.Sprintf("summary-%s.png", d)
-	if err := p.Save(11*vg.Inch, 5*vg.Inch, filepath.Join(dir, name)); err != nil {
-		return "", fmt.Errorf("save %s: %w", name, err)
-	}
-	return name, nil
+	// Each group in the middle of a slot of its own: the data range alone
+	// (first to last group) put the outer groups on the plot's edges.
+	p.X.Min, p.X.Max = -0.5, float64(len(scenarios))-0.5
+	return ch, nil
 }
 
 func unlimitedID(scenarios []Scenario) int {

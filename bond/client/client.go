@@ -17,7 +17,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -33,6 +32,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/mptun/mptun/bond/convert"
+	"github.com/mptun/mptun/bond/splice"
 	"github.com/mptun/mptun/mptcpep"
 )
 
@@ -307,19 +307,13 @@ func (c *Client) handleTCP(r *tcp.ForwarderRequest) {
 func (c *Client) splice(app *gonet.TCPConn, ep tcpip.Endpoint, up Upstream) {
 	errc := make(chan error, 2)
 	go func() {
-		n, err := copyBuffer(up, app)
+		n, err := splice.Copy(up, app, make([]byte, copyBuf), nil)
 		c.c.bytesUp.Add(uint64(n))
-		if err == nil {
-			err = up.CloseWrite()
-		}
 		errc <- err
 	}()
 	go func() {
-		n, err := copyBuffer(app, up)
+		n, err := splice.Copy(app, up, make([]byte, copyBuf), nil)
 		c.c.bytesDown.Add(uint64(n))
-		if err == nil {
-			err = app.CloseWrite()
-		}
 		errc <- err
 	}()
 	var failed bool
@@ -343,27 +337,4 @@ func (c *Client) splice(app *gonet.TCPConn, ep tcpip.Endpoint, up Upstream) {
 	}
 	app.Close()
 	up.Close()
-}
-
-// copyBuffer is io.CopyBuffer with a large buffer; it reports io.EOF as
-// success like io.Copy.
-func copyBuffer(dst io.Writer, src io.Reader) (int64, error) {
-	buf := make([]byte, copyBuf)
-	var total int64
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			w, werr := dst.Write(buf[:n])
-			total += int64(w)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return total, nil
-			}
-			return total, err
-		}
-	}
 }

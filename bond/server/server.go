@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/mptun/mptun/bond/convert"
+	"github.com/mptun/mptun/bond/splice"
 	"github.com/mptun/mptun/mptcpep"
 )
 
@@ -341,9 +342,7 @@ func (s *Server) refuse(c net.Conn, code convert.ErrorCode) {
 	if err := convert.WriteReply(c, code); err != nil {
 		return
 	}
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-	}
+	_ = splice.CloseWrite(c)
 	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	_, _ = io.CopyN(io.Discard, c, 64<<10)
 }

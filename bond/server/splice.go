@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/mptun/mptun/bond/convert"
+	"github.com/mptun/mptun/bond/splice"
 )
 
 // idleWatch closes a flow after idle of silence. Activity is a timestamp
@@ -43,8 +44,6 @@ func (w *idleWatch) touch() { w.last.Store(time.Now().UnixNano()) }
 
 func (w *idleWatch) stop() { w.timer.Stop() }
 
-type closeWriter interface{ CloseWrite() error }
-
 // splice copies both ways until both directions ended. A direction that
 // reaches EOF half-closes its destination; an error ends both.
 func (s *Server) splice(c, d net.Conn, log *slog.Logger) {
@@ -72,32 +71,15 @@ func (s *Server) splice(c, d net.Conn, log *slog.Logger) {
 	log.Debug("flow done", "idle_closed", w.fired.Load())
 }
 
-// copyHalf copies src to dst and half-closes dst at EOF.
+// copyHalf copies src to dst and half-closes dst at src's EOF; anything
+// else ends the flow both ways.
 func (s *Server) copyHalf(dst, src net.Conn, count *atomic.Uint64, w *idleWatch, abort func()) {
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			w.touch()
-			count.Add(uint64(n))
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				abort()
-				return
-			}
-		}
-		if err != nil {
-			if !errors.Is(err, io.EOF) {
-				abort()
-				return
-			}
-			if cw, ok := dst.(closeWriter); ok {
-				if cw.CloseWrite() == nil {
-					return
-				}
-			}
-			abort()
-			return
-		}
+	_, err := splice.Copy(dst, src, make([]byte, 64<<10), func(n int) {
+		w.touch()
+		count.Add(uint64(n))
+	})
+	if err != nil {
+		abort()
 	}
 }
 

@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -18,47 +17,10 @@ import (
 	"github.com/stretchr/testify/require"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 
+	"github.com/mptun/mptun/internal/kernelvectors"
 	"github.com/mptun/mptun/mptcpep"
 	"github.com/mptun/mptun/mptcpep/header"
 )
-
-// KernelVectors is the JSON layout of mptcpep/testdata/kernel-vectors.json:
-// values seen on the wire between two Linux kernel MPTCP endpoints.
-type KernelVectors struct {
-	Kernel      string `json:"kernel"`
-	ClientKey   uint64 `json:"client_key"`
-	ServerKey   uint64 `json:"server_key"`
-	ServerToken uint32 `json:"server_token"` // from the MP_JOIN SYN
-	// ClientFirstDSN and ServerFirstDSN are the DSN of the first data byte
-	// of each direction (IDSN+1).
-	ClientFirstDSN uint64 `json:"client_first_dsn"`
-	ServerFirstDSN uint64 `json:"server_first_dsn"`
-	Join           struct {
-		ClientNonce uint32 `json:"client_nonce"`
-		ServerNonce uint32 `json:"server_nonce"`
-		SYNACKHMAC  uint64 `json:"synack_hmac"`
-		ACKHMAC     string `json:"ack_hmac"` // hex, 20 bytes
-	} `json:"join"`
-	AddAddr struct {
-		ID   uint8  `json:"id"`
-		Addr string `json:"addr"`
-		Port uint16 `json:"port"`
-		HMAC uint64 `json:"hmac"` // sent by the server
-	} `json:"add_addr"`
-	DSSChecksum struct {
-		DSN      uint64 `json:"dsn"`
-		SSN      uint32 `json:"ssn"`
-		DataLen  uint16 `json:"data_len"`
-		Payload  string `json:"payload_hex"`
-		Checksum uint16 `json:"checksum"`
-	} `json:"dss_checksum"`
-	MPCapableChecksum struct {
-		ClientKey uint64 `json:"client_key"` // another connection
-		DataLen   uint16 `json:"data_len"`
-		Payload   string `json:"payload_hex"`
-		Checksum  uint16 `json:"checksum"`
-	} `json:"mpcapable_checksum"`
-}
 
 const (
 	kcClientNS = "mtc-a"
@@ -473,9 +435,10 @@ func kcWriteVectors(t *testing.T, path string, r kcResult, withChecksum, joins, 
 	if !withChecksum {
 		return
 	}
-	var v KernelVectors
-	if b, err := os.ReadFile(path); err == nil {
-		require.NoError(t, json.Unmarshal(b, &v))
+	var v kernelvectors.Vectors
+	if _, err := os.Stat(path); err == nil {
+		v, err = kernelvectors.Load(path)
+		require.NoError(t, err)
 	}
 	uname, err := os.ReadFile("/proc/sys/kernel/osrelease")
 	require.NoError(t, err)
@@ -509,8 +472,6 @@ func kcWriteVectors(t *testing.T, path string, r kcResult, withChecksum, joins, 
 		v.MPCapableChecksum.Payload = hex.EncodeToString(r.mpcDataPayload)
 		v.MPCapableChecksum.Checksum = r.mpcData.Checksum
 	}
-	b, err := json.MarshalIndent(v, "", "  ")
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(path, append(b, '\n'), 0o644))
+	require.NoError(t, kernelvectors.Save(path, v))
 	t.Logf("wrote kernel vectors to %s", path)
 }

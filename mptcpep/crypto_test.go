@@ -16,45 +16,14 @@ import (
 	"github.com/stretchr/testify/require"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 
+	"github.com/mptun/mptun/internal/kernelvectors"
 	"github.com/mptun/mptun/mptcpep/header"
 )
 
-// kernelVectors mirrors integration.KernelVectors: values captured on the
-// wire between two Linux MPTCP endpoints (integration/kernelcapture_test.go
-// regenerates the file with MTC_WRITE_KERNEL_VECTORS=<path>).
-type kernelVectors struct {
-	Kernel         string `json:"kernel"`
-	ClientKey      uint64 `json:"client_key"`
-	ServerKey      uint64 `json:"server_key"`
-	ServerToken    uint32 `json:"server_token"`
-	ClientFirstDSN uint64 `json:"client_first_dsn"`
-	ServerFirstDSN uint64 `json:"server_first_dsn"`
-	Join           struct {
-		ClientNonce uint32 `json:"client_nonce"`
-		ServerNonce uint32 `json:"server_nonce"`
-		SYNACKHMAC  uint64 `json:"synack_hmac"`
-		ACKHMAC     string `json:"ack_hmac"`
-	} `json:"join"`
-	AddAddr struct {
-		ID   uint8  `json:"id"`
-		Addr string `json:"addr"`
-		Port uint16 `json:"port"`
-		HMAC uint64 `json:"hmac"`
-	} `json:"add_addr"`
-	DSSChecksum struct {
-		DSN      uint64 `json:"dsn"`
-		SSN      uint32 `json:"ssn"`
-		DataLen  uint16 `json:"data_len"`
-		Payload  string `json:"payload_hex"`
-		Checksum uint16 `json:"checksum"`
-	} `json:"dss_checksum"`
-	MPCapableChecksum struct {
-		ClientKey uint64 `json:"client_key"`
-		DataLen   uint16 `json:"data_len"`
-		Payload   string `json:"payload_hex"`
-		Checksum  uint16 `json:"checksum"`
-	} `json:"mpcapable_checksum"`
-}
+// kernelVectors are values captured on the wire between two Linux MPTCP
+// endpoints (integration/kernelcapture_test.go regenerates the file with
+// MTC_WRITE_KERNEL_VECTORS=<path>).
+type kernelVectors = kernelvectors.Vectors
 
 func loadKernelVectors(t *testing.T) kernelVectors {
 	t.Helper()

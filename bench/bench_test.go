@@ -103,7 +103,7 @@ func TestProcParsers(t *testing.T) {
 	require.Error(t, err)
 }
 
-func TestScenariosMatchTheIssue(t *testing.T) {
+func TestScenarioDefinitions(t *testing.T) {
 	sc := Scenarios(20 * time.Second)
 	require.Len(t, sc, 7)
 	require.True(t, sc[6].unlimited(), "scenario 7 is the unshaped one")
@@ -307,7 +307,7 @@ func TestParseConnectStats(t *testing.T) {
 	require.Empty(t, sampleLines(stderr))
 }
 
-func TestComparisonAndIssue2Tables(t *testing.T) {
+func TestComparisonAndTargetTables(t *testing.T) {
 	sc := Scenarios(10 * time.Second)
 	sel := []Scenario{sc[0], sc[6]}
 	runs := []Run{
@@ -320,7 +320,7 @@ func TestComparisonAndIssue2Tables(t *testing.T) {
 	}
 	var b strings.Builder
 	writeComparison(&b, sel, runs)
-	writeIssue2(&b, sel, runs)
+	writeTargets(&b, sel, runs)
 	out := b.String()
 	require.Contains(t, out, "| 1 | two-equal | up | 47.0 | 92.0 | 46.0 (0.50) | - | 3 (10) | - |")
 	require.Contains(t, out, "| mptun-engine | down | 1800 | 0.90 | 0.000 | 0.600 | 1.20 |")

@@ -19,8 +19,9 @@ import (
 
 // TestBond runs mptun server and mptun client --default-route in the
 // namespace topology of bond_helpers_test.go (two 50 Mbit/s uplinks) and
-// checks what issue 4 asks: throughput both ways, a flap in the middle of a
-// transfer, 200 concurrent short flows, DNS, IPv6, status, clean exit.
+// checks what the bonding tunnel must do: throughput both ways, a flap in
+// the middle of a transfer, 200 concurrent short flows, DNS, IPv6, status,
+// clean exit.
 func TestBond(t *testing.T) {
 	b := bondNewTopo(t, 50)
 	srv := b.startServer(t)

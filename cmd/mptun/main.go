@@ -47,6 +47,9 @@ common flags:
   --log-level L     debug, info, warn (default), error
   --stats           print connection statistics and MPTCP counters to stderr at the end
   --stats-every D   print per-subflow rates, RTT and cwnd to stderr every D (e.g. 1s)
+  --mtu N           MTU of the uplinks' TUNs (default: each uplink's own)
+
+mptun CMD -h lists a command's flags.
 `
 
 func main() {

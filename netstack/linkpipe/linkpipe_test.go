@@ -291,6 +291,43 @@ func TestProtocolAndCopies(t *testing.T) {
 	}
 }
 
+// TestHook checks the middlebox: it sees every packet that survives the
+// emulation, its rewrites reach the peer (and not the sender's packet), its
+// refusals are counted, and SetDirection leaves it in place.
+func TestHook(t *testing.T) {
+	a, b, rec := newRecordedLink(t, Config{AtoB: Direction{Delay: time.Millisecond}})
+	var seen []uint32 // only the delivery goroutine writes it until the end
+	a.SetHook(func(pkt []byte) bool {
+		seq := binary.BigEndian.Uint32(pkt[20:24])
+		seen = append(seen, seq)
+		pkt[30] = 0xee
+		return seq%3 != 0
+	})
+	sent := rawPacket(4, 1, 60)
+	write(t, a, sent).DecRef()
+	require.Eventually(t, func() bool { return rec.count() == 1 }, time.Second, time.Millisecond)
+	require.Equal(t, byte(0xee), rec.arrivals()[0].data[30], "the rewrite reaches the peer")
+	require.Zero(t, sent[30], "and not the sender's packet")
+
+	a.SetDirection(Direction{})
+	sendSeq(t, a, 2, 10, 60)
+	require.Eventually(t, func() bool { return a.Stats().Tx.DeliveredPackets+a.Stats().Tx.DroppedHook == 9 }, time.Second, time.Millisecond)
+	st := a.Stats()
+	require.Equal(t, uint64(3), st.Tx.DroppedHook, "3, 6 and 9 refused")
+	require.Equal(t, st.Tx, b.Stats().Rx)
+	require.Equal(t, []uint32{1, 2, 3, 4, 5, 6, 7, 8, 9}, seen)
+	var got []uint32
+	for _, g := range rec.arrivals() {
+		got = append(got, g.seq)
+	}
+	require.Equal(t, []uint32{1, 2, 4, 5, 7, 8}, got)
+
+	a.SetHook(nil)
+	sendSeq(t, a, 12, 13, 60)
+	require.Eventually(t, func() bool { return rec.count() == 7 }, time.Second, time.Millisecond)
+	require.Zero(t, rec.arrivals()[6].data[30], "hook removed")
+}
+
 func TestUnattachedPeerCountsDrops(t *testing.T) {
 	a, b := New(Config{})
 	t.Cleanup(a.Close)

@@ -14,6 +14,9 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
+// Every test owns its link; those that bound a delay or a rate from above,
+// race the link's delay, or count goroutines do not run in parallel.
+
 // arrival is one packet seen by a recorder.
 type arrival struct {
 	proto tcpip.NetworkProtocolNumber
@@ -98,6 +101,7 @@ func newRecordedLink(t *testing.T, cfg Config) (a, b *Endpoint, rec *recorder) {
 }
 
 func TestDelayAndOrder(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		dir  Direction
@@ -131,6 +135,7 @@ func TestDelayAndOrder(t *testing.T) {
 }
 
 func TestJitterReorderOption(t *testing.T) {
+	t.Parallel()
 	a, _, rec := newRecordedLink(t, Config{
 		AtoB: Direction{Delay: 10 * time.Millisecond, Jitter: 9 * time.Millisecond, Reorder: true},
 		Seed: 1,
@@ -151,6 +156,7 @@ func TestJitterReorderOption(t *testing.T) {
 }
 
 func TestLossIsDeterministic(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		loss float64
@@ -234,6 +240,7 @@ func TestSetDownUpQuicklyStillDropsInFlight(t *testing.T) {
 }
 
 func TestSetDirectionAtRunTime(t *testing.T) {
+	t.Parallel()
 	a, _, rec := newRecordedLink(t, Config{})
 	sendSeq(t, a, 0, 1, 100)
 	require.Eventually(t, func() bool { return rec.count() == 1 }, time.Second, time.Millisecond)
@@ -253,6 +260,7 @@ func TestSetDirectionAtRunTime(t *testing.T) {
 }
 
 func TestProtocolAndCopies(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name      string
 		version   byte
@@ -295,6 +303,7 @@ func TestProtocolAndCopies(t *testing.T) {
 // emulation, its rewrites reach the peer (and not the sender's packet), its
 // refusals are counted, and SetDirection leaves it in place.
 func TestHook(t *testing.T) {
+	t.Parallel()
 	a, b, rec := newRecordedLink(t, Config{AtoB: Direction{Delay: time.Millisecond}})
 	var seen []uint32 // only the delivery goroutine writes it until the end
 	a.SetHook(func(pkt []byte) bool {
@@ -329,6 +338,7 @@ func TestHook(t *testing.T) {
 }
 
 func TestUnattachedPeerCountsDrops(t *testing.T) {
+	t.Parallel()
 	a, b := New(Config{})
 	t.Cleanup(a.Close)
 	require.False(t, b.IsAttached())

@@ -7,17 +7,18 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/mptun/mptun/netstack/linkpipe"
 )
 
 // dssMangler is a middlebox on the client's NIC of path 1 that, once armed,
 // rewrites the DSS options of data segments the client receives there.
-func dssMangler(armed *atomic.Bool, rewrite func(raw []byte) bool) func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
-	return func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
+func dssMangler(armed *atomic.Bool, rewrite func(raw []byte) bool) func(i int) linkpipe.Hook {
+	return func(i int) linkpipe.Hook {
 		if i != 1 {
-			return ep
+			return nil
 		}
-		return newMangleLink(ep, func(ip []byte) bool {
+		return newMiddlebox(func(ip []byte) bool {
 			tcp, opts := tcpOf(ip)
 			if tcp == nil || !armed.Load() || len(ip) <= int(ip[0]&0xf)*4+int(tcp[12]>>4)*4 {
 				return false // not armed, or no payload
@@ -29,7 +30,7 @@ func dssMangler(armed *atomic.Bool, rewrite func(raw []byte) bool) func(i int, e
 				}
 			})
 			return hit
-		})
+		}).hook
 	}
 }
 
@@ -67,7 +68,7 @@ func TestDSSMappingErrorsResetSubflow(t *testing.T) {
 			w := newWorldOpts(t, worldOpts{
 				paths:      []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}},
 				ccfg:       Config{Checksum: tc.checksum},
-				wrapClient: dssMangler(&armed, tc.rewrite),
+				hookClient: dssMangler(&armed, tc.rewrite),
 			})
 			cc, sc := dialAccept(t, ctx, w, 87)
 			waitSubflows(t, cc, 2)

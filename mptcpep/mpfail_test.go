@@ -12,9 +12,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"gvisor.dev/gvisor/pkg/tcpip"
 	tcpheader "gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/mptun/mptun/netstack/linkpipe"
 )
 
 // corrupter is a middlebox that flips one payload byte (XOR 0xff) of one
@@ -52,26 +52,21 @@ func (c *corrupter) mangle(ip []byte) bool {
 // corruptWorld builds a world of n paths with DSS checksums on both sides
 // and a corrupter on path 0, in front of the server (client->server data)
 // or of the client.
-func corruptWorld(t *testing.T, n int, inFrontOfServer bool, after int64) (*world, *corrupter, *mangleLink) {
+func corruptWorld(t *testing.T, n int, inFrontOfServer bool, after int64) (*world, *corrupter, *middlebox) {
 	cor := &corrupter{after: after}
-	var box *mangleLink
-	wrap := func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
+	box := newMiddlebox(cor.mangle)
+	mb := func(i int) linkpipe.Hook {
 		if i != 0 {
-			return ep
+			return nil
 		}
-		box = newMangleLink(ep, cor.mangle)
-		return box
+		return box.hook
 	}
 	paths := make([]pathSpec, n)
 	for i := range paths {
 		paths[i] = pathSpec{delay: time.Millisecond, rateBps: 200_000_000}
 	}
 	o := worldOpts{paths: paths, ccfg: Config{Checksum: true}, scfg: Config{Checksum: true}}
-	if inFrontOfServer {
-		o.wrapServer = wrap
-	} else {
-		o.wrapClient = wrap
-	}
+	o.hookSide(inFrontOfServer, mb)
 	return newWorldOpts(t, o), cor, box
 }
 
@@ -287,66 +282,37 @@ func TestMPFailUnanswered(t *testing.T) {
 	}
 }
 
-// finGate is a middlebox in front of a NIC that, while hold is set, drops
-// every segment the NIC receives that acknowledges the FIN the NIC sent:
-// the peer's ACK of our FIN never arrives.
+// finGate is a middlebox on a path that, while hold is set, drops every
+// segment to the client that acknowledges the FIN the client sent: the
+// peer's ACK of our FIN never arrives. noteFIN watches the client's
+// segments, toClient is the hook in front of the client.
 type finGate struct {
-	stack.LinkEndpoint
 	hold    atomic.Bool
 	finEnd  atomic.Uint64 // 1<<32 | sequence number after our FIN (0: no FIN yet)
 	dropped atomic.Uint64
 }
 
-func (g *finGate) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
-	for _, pkt := range pkts.AsSlice() {
-		v := pkt.ToView()
-		b := v.AsSlice()
-		if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 {
-			if tcp, _ := tcpOf(b); tcp != nil && tcp[13]&uint8(tcpheader.TCPFlagFin) != 0 {
-				payload := int(binary.BigEndian.Uint16(b[2:4])) - int(b[0]&0xf)*4 - int(tcp[12]>>4)*4
-				end := binary.BigEndian.Uint32(tcp[4:8]) + uint32(payload) + 1
-				g.finEnd.Store(1<<32 | uint64(end))
-			}
-		}
-		v.Release()
-	}
-	return g.LinkEndpoint.WritePackets(pkts)
-}
-
-func (g *finGate) Attach(d stack.NetworkDispatcher) {
-	if d == nil {
-		g.LinkEndpoint.Attach(nil)
-		return
-	}
-	g.LinkEndpoint.Attach(&finGateDispatcher{d: d, g: g})
-}
-
-type finGateDispatcher struct {
-	d stack.NetworkDispatcher
-	g *finGate
-}
-
-func (fd *finGateDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
-	if fe := fd.g.finEnd.Load(); fe != 0 && fd.g.hold.Load() {
-		v := pkt.ToView()
-		b := v.AsSlice()
-		drop := false
-		if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 {
-			if tcp, _ := tcpOf(b); tcp != nil && tcp[13]&uint8(tcpheader.TCPFlagAck) != 0 {
-				drop = int32(binary.BigEndian.Uint32(tcp[8:12])-uint32(fe)) >= 0
-			}
-		}
-		v.Release()
-		if drop {
-			fd.g.dropped.Add(1)
-			return
+func (g *finGate) noteFIN(b []byte) {
+	if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 {
+		if tcp, _ := tcpOf(b); tcp != nil && tcp[13]&uint8(tcpheader.TCPFlagFin) != 0 {
+			payload := int(binary.BigEndian.Uint16(b[2:4])) - int(b[0]&0xf)*4 - int(tcp[12]>>4)*4
+			end := binary.BigEndian.Uint32(tcp[4:8]) + uint32(payload) + 1
+			g.finEnd.Store(1<<32 | uint64(end))
 		}
 	}
-	fd.d.DeliverNetworkPacket(proto, pkt)
 }
 
-func (fd *finGateDispatcher) DeliverLinkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
-	fd.d.DeliverLinkPacket(proto, pkt)
+func (g *finGate) toClient(b []byte) bool {
+	fe := g.finEnd.Load()
+	if fe == 0 || !g.hold.Load() || len(b) < tcpheader.IPv4MinimumSize || b[0]>>4 != 4 {
+		return true
+	}
+	if tcp, _ := tcpOf(b); tcp != nil && tcp[13]&uint8(tcpheader.TCPFlagAck) != 0 &&
+		int32(binary.BigEndian.Uint32(tcp[8:12])-uint32(fe)) >= 0 {
+		g.dropped.Add(1)
+		return false
+	}
+	return true
 }
 
 // TestMPFailFinAcked: after the fallback the TCP FIN is the DATA_FIN, so
@@ -367,11 +333,14 @@ func TestMPFailFinAcked(t *testing.T) {
 	w := newWorldOpts(t, worldOpts{
 		paths: []pathSpec{{delay: time.Millisecond, rateBps: 200_000_000}},
 		ccfg:  Config{Checksum: true}, scfg: Config{Checksum: true},
-		wrapServer: func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint { return newMangleLink(ep, cor.mangle) },
-		wrapClient: func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
-			gate.LinkEndpoint = ep
-			return gate
+		hookServer: func(int) linkpipe.Hook {
+			box := newMiddlebox(cor.mangle)
+			return func(b []byte) bool {
+				gate.noteFIN(b) // the client's segments
+				return box.hook(b)
+			}
 		},
+		hookClient: func(int) linkpipe.Hook { return gate.toClient },
 	})
 	cc, sc := dialAccept(t, ctx, w, 93)
 	require.NoError(t, sc.CloseWrite()) // the server's DATA_FIN, before the fallback

@@ -7,7 +7,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/mptun/mptun/netstack/linkpipe"
 )
 
 // TestSubflowMSSFromWire checks that the scheduler's MSS of a subflow is
@@ -21,8 +22,8 @@ func TestSubflowMSSFromWire(t *testing.T) {
 	var wireMax [2]atomic.Int64
 	w := newWorldOpts(t, worldOpts{
 		paths: []pathSpec{{}, {delay: time.Millisecond}},
-		wrapServer: func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
-			return newMangleLink(ep, func(ip []byte) bool {
+		hookServer: func(i int) linkpipe.Hook {
+			return newMiddlebox(func(ip []byte) bool {
 				tcp, opts := tcpOf(ip)
 				if tcp == nil {
 					return false
@@ -34,7 +35,7 @@ func TestSubflowMSSFromWire(t *testing.T) {
 					wireMax[i].Store(n)
 				}
 				return false
-			})
+			}).hook
 		},
 	})
 	cc, sc := dialAccept(t, ctx, w, 80)

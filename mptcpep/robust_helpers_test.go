@@ -15,11 +15,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	tcpheader "gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/mptun/mptun/netstack"
 	"github.com/mptun/mptun/netstack/linkpipe"
@@ -33,17 +31,18 @@ type worldOpts struct {
 	// serverExtra adds addresses to the server's NIC of a path (an address
 	// the client reaches only over that path).
 	serverExtra map[int][]netip.Addr
-	// wrapClient/wrapServer put a middlebox in front of a NIC (nil: none).
-	wrapClient, wrapServer func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint
+	// hookClient/hookServer put a middlebox on path i, in front of the
+	// client's or the server's NIC (nil, or a nil Hook: none).
+	hookClient, hookServer func(i int) linkpipe.Hook
 }
 
-// wrapSide puts the middlebox mb in front of the server's NICs (server)
+// hookSide puts the middlebox mb in front of the server's NICs (server)
 // or the client's.
-func (o *worldOpts) wrapSide(server bool, mb func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint) {
+func (o *worldOpts) hookSide(server bool, mb func(i int) linkpipe.Hook) {
 	if server {
-		o.wrapServer = mb
+		o.hookServer = mb
 	} else {
-		o.wrapClient = mb
+		o.hookClient = mb
 	}
 }
 
@@ -75,21 +74,21 @@ func newWorldOpts(t *testing.T, o worldOpts) *world {
 		d := linkpipe.Direction{Delay: p.delay, RateBps: p.rateBps, Loss: p.loss}
 		a, b := linkpipe.New(linkpipe.Config{MTU: 1500, AtoB: d, BtoA: d, Seed: int64(i + 1)})
 		w.links = append(w.links, [2]*linkpipe.Endpoint{a, b})
-		var ca2, sb2 stack.LinkEndpoint = a, b
-		if o.wrapClient != nil {
-			ca2 = o.wrapClient(i, a)
+		// a sends towards the server, b towards the client.
+		if o.hookServer != nil {
+			a.SetHook(o.hookServer(i))
 		}
-		if o.wrapServer != nil {
-			sb2 = o.wrapServer(i, b)
+		if o.hookClient != nil {
+			b.SetHook(o.hookClient(i))
 		}
 		ca := netip.AddrFrom4([4]byte{10, byte(i + 1), 0, 1})
-		_, err := cs.AddNIC(fmt.Sprintf("c%d", i), ca2, netip.PrefixFrom(ca, 32))
+		_, err := cs.AddNIC(fmt.Sprintf("c%d", i), a, netip.PrefixFrom(ca, 32))
 		require.NoError(t, err)
 		sp := []netip.Prefix{netip.PrefixFrom(sa, 32)}
 		for _, x := range o.serverExtra[i] {
 			sp = append(sp, netip.PrefixFrom(x, 32))
 		}
-		_, err = ss.AddNIC(fmt.Sprintf("s%d", i), sb2, sp...)
+		_, err = ss.AddNIC(fmt.Sprintf("s%d", i), b, sp...)
 		require.NoError(t, err)
 		w.clientAddrs = append(w.clientAddrs, ca)
 		w.serverAddrs = append(w.serverAddrs, sa)
@@ -100,55 +99,33 @@ func newWorldOpts(t *testing.T, o worldOpts) *world {
 	return w
 }
 
-// mangleLink is a middlebox in front of a NIC: it may rewrite every IPv4
-// packet the NIC receives (the TCP checksum is fixed afterwards, as a
-// NAT or a normalising firewall would).
-type mangleLink struct {
-	stack.LinkEndpoint
+// middlebox may rewrite every IPv4 packet on its way to a NIC (the TCP
+// checksum is fixed afterwards, as a NAT or a normalising firewall would)
+// or drop it. Its hook method is the linkpipe.Hook to install.
+type middlebox struct {
 	mangle func(ip []byte) bool
 	// drop, if set, drops the IPv4 packets it reports (a firewall).
 	drop func(ip []byte) bool
 	hits atomic.Uint64
 }
 
-func newMangleLink(lower stack.LinkEndpoint, mangle func(ip []byte) bool) *mangleLink {
-	return &mangleLink{LinkEndpoint: lower, mangle: mangle}
+func newMiddlebox(mangle func(ip []byte) bool) *middlebox {
+	return &middlebox{mangle: mangle}
 }
 
-// Attach implements stack.NetworkLinkEndpoint: the lower link delivers to
-// the middlebox, which delivers to the stack.
-func (m *mangleLink) Attach(d stack.NetworkDispatcher) {
-	if d == nil {
-		m.LinkEndpoint.Attach(nil)
-		return
+func (m *middlebox) hook(b []byte) bool {
+	if len(b) < tcpheader.IPv4MinimumSize || b[0]>>4 != 4 {
+		return true
 	}
-	m.LinkEndpoint.Attach(&mangleDispatcher{d: d, m: m})
-}
-
-type mangleDispatcher struct {
-	d stack.NetworkDispatcher
-	m *mangleLink
-}
-
-func (md *mangleDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
-	v := pkt.ToView()
-	b := v.AsSlice()
-	if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 && md.m.drop != nil && md.m.drop(b) {
-		md.m.hits.Add(1)
-		v.Release()
-		return
+	if m.drop != nil && m.drop(b) {
+		m.hits.Add(1)
+		return false
 	}
-	if len(b) >= tcpheader.IPv4MinimumSize && b[0]>>4 == 4 && md.m.mangle(b) {
-		md.m.hits.Add(1)
+	if m.mangle != nil && m.mangle(b) {
+		m.hits.Add(1)
 		fixTCPChecksum(b)
 	}
-	np := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
-	md.d.DeliverNetworkPacket(proto, np)
-	np.DecRef()
-}
-
-func (md *mangleDispatcher) DeliverLinkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
-	md.d.DeliverLinkPacket(proto, pkt)
+	return true
 }
 
 // tcpOf returns the TCP header and its options of an IPv4 packet (nil when

@@ -19,9 +19,9 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/netstack/linkpipe"
 )
 
 // TestSubflowLossReinjection takes path 0 down in the middle of a 32 MiB
@@ -335,24 +335,23 @@ func TestOptionStripping(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			var box *mangleLink
 			var nth atomic.Int64
-			mb := func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
-				if i != 0 {
-					return ep
+			box := newMiddlebox(func(ip []byte) bool {
+				tcp, opts := tcpOf(ip)
+				if tcp == nil {
+					return false
 				}
-				box = newMangleLink(ep, func(ip []byte) bool {
-					tcp, opts := tcpOf(ip)
-					if tcp == nil {
-						return false
-					}
-					n := int(nth.Add(1) - 1)
-					return tc.strip(tcp[13], n) && stripMPTCP(opts)
-				})
-				return box
+				n := int(nth.Add(1) - 1)
+				return tc.strip(tcp[13], n) && stripMPTCP(opts)
+			})
+			mb := func(i int) linkpipe.Hook {
+				if i != 0 {
+					return nil
+				}
+				return box.hook
 			}
 			o := worldOpts{paths: []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}}}
-			o.wrapSide(tc.server, mb)
+			o.hookSide(tc.server, mb)
 			w := newWorldOpts(t, o)
 			cc, sc := dialAccept(t, ctx, w, 86)
 			require.Positive(t, box.hits.Load(), "the middlebox stripped something")
@@ -415,8 +414,8 @@ func TestJoinRefused(t *testing.T) {
 			setup: func(o *worldOpts) {
 				// A middlebox in front of the server corrupts the HMAC of
 				// MP_JOIN third ACKs.
-				o.wrapServer = func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
-					return newMangleLink(ep, func(ip []byte) bool {
+				o.hookServer = func(i int) linkpipe.Hook {
+					return newMiddlebox(func(ip []byte) bool {
 						_, opts := tcpOf(ip)
 						hit := false
 						walkOpts(opts, func(kind byte, raw []byte) {
@@ -426,7 +425,7 @@ func TestJoinRefused(t *testing.T) {
 							}
 						})
 						return hit
-					})
+					}).hook
 				}
 			},
 			check: func(t *testing.T, w *world) {
@@ -775,29 +774,28 @@ func TestMPCapableWithoutHMACFlag(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			var box *mangleLink
-			mb := func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
-				if i != 0 {
-					return ep
+			box := newMiddlebox(func(ip []byte) bool {
+				tcp, opts := tcpOf(ip)
+				if tcp == nil || tcp[13]&tcpFlagSYN == 0 {
+					return false
 				}
-				box = newMangleLink(ep, func(ip []byte) bool {
-					tcp, opts := tcpOf(ip)
-					if tcp == nil || tcp[13]&tcpFlagSYN == 0 {
-						return false
+				hit := false
+				walkOpts(opts, func(kind byte, raw []byte) {
+					if kind == 30 && len(raw) >= 4 && raw[2]>>4 == 0 {
+						raw[3] &^= 0x01 // H
+						hit = true
 					}
-					hit := false
-					walkOpts(opts, func(kind byte, raw []byte) {
-						if kind == 30 && len(raw) >= 4 && raw[2]>>4 == 0 {
-							raw[3] &^= 0x01 // H
-							hit = true
-						}
-					})
-					return hit
 				})
-				return box
+				return hit
+			})
+			mb := func(i int) linkpipe.Hook {
+				if i != 0 {
+					return nil
+				}
+				return box.hook
 			}
 			o := worldOpts{paths: []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}}}
-			o.wrapSide(tc.server, mb)
+			o.hookSide(tc.server, mb)
 			w := newWorldOpts(t, o)
 			cc, sc := dialAccept(t, ctx, w, 88)
 			require.Positive(t, box.hits.Load())
@@ -820,22 +818,18 @@ func TestMPCapableWithoutHMACFlag(t *testing.T) {
 func TestMPCapableSYNBlackhole(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	var box *mangleLink
+	box := &middlebox{drop: func(ip []byte) bool {
+		tcp, opts := tcpOf(ip)
+		if tcp == nil || tcp[13]&tcpFlagSYN == 0 {
+			return false
+		}
+		mp := false
+		walkOpts(opts, func(kind byte, _ []byte) { mp = mp || kind == 30 })
+		return mp
+	}}
 	w := newWorldOpts(t, worldOpts{
-		paths: []pathSpec{{delay: time.Millisecond}},
-		wrapServer: func(_ int, ep stack.LinkEndpoint) stack.LinkEndpoint {
-			box = newMangleLink(ep, func([]byte) bool { return false })
-			box.drop = func(ip []byte) bool {
-				tcp, opts := tcpOf(ip)
-				if tcp == nil || tcp[13]&tcpFlagSYN == 0 {
-					return false
-				}
-				mp := false
-				walkOpts(opts, func(kind byte, _ []byte) { mp = mp || kind == 30 })
-				return mp
-			}
-			return box
-		},
+		paths:      []pathSpec{{delay: time.Millisecond}},
+		hookServer: func(int) linkpipe.Hook { return box.hook },
 	})
 	start := time.Now()
 	cc, sc := dialAccept(t, ctx, w, 92)
@@ -862,11 +856,11 @@ func TestJoinRefusalReasons(t *testing.T) {
 			defer cancel()
 			var rsts atomic.Int64
 			var seen atomic.Uint32 // flags<<8 | reason of the last MP_TCPRST
-			wrap := func(i int, ep stack.LinkEndpoint) stack.LinkEndpoint {
+			mb := func(i int) linkpipe.Hook {
 				if i != 1 {
-					return ep
+					return nil
 				}
-				return newMangleLink(ep, func(ip []byte) bool {
+				return newMiddlebox(func(ip []byte) bool {
 					tcp, opts := tcpOf(ip)
 					if tcp == nil {
 						return false
@@ -883,12 +877,12 @@ func TestJoinRefusalReasons(t *testing.T) {
 						}
 					})
 					return hit
-				})
+				}).hook
 			}
 			w := newWorldOpts(t, worldOpts{
 				paths:      []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}},
 				scfg:       Config{MaxSubflows: 1},
-				wrapClient: wrap,
+				hookClient: mb,
 			})
 			cc, sc := dialAccept(t, ctx, w, 93)
 			require.Eventually(t, func() bool { return rsts.Load() >= 1 }, 5*time.Second, 5*time.Millisecond)

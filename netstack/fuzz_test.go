@@ -7,8 +7,6 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -108,39 +106,6 @@ func FuzzCompactOptions(f *testing.F) {
 		require.Equal(t, want, got)
 		require.Equal(t, out, compactOptions(make([]byte, 0, len(out)), out, dropSACK), "idempotent")
 	})
-}
-
-// tcpSumOK checks an IP packet's TCP checksum independently of the layer,
-// over the length the IP header claims.
-func tcpSumOK(b []byte) bool {
-	if len(b) < 1 {
-		return false
-	}
-	var hl, total int
-	var src, dst tcpip.Address
-	switch b[0] >> 4 {
-	case 4:
-		if len(b) < header.IPv4MinimumSize {
-			return false
-		}
-		hl = int(b[0]&0xf) * 4
-		total = int(binary.BigEndian.Uint16(b[2:])) - hl
-		src, dst = tcpip.AddrFrom4Slice(b[12:16]), tcpip.AddrFrom4Slice(b[16:20])
-	case 6:
-		if len(b) < header.IPv6MinimumSize {
-			return false
-		}
-		hl = header.IPv6MinimumSize
-		total = int(binary.BigEndian.Uint16(b[4:]))
-		src, dst = tcpip.AddrFrom16Slice(b[8:24]), tcpip.AddrFrom16Slice(b[24:40])
-	default:
-		return false
-	}
-	if total < header.TCPMinimumSize || hl+total > len(b) {
-		return false
-	}
-	sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(total))
-	return checksum.Checksum(b[hl:hl+total], sum) == 0xffff
 }
 
 func FuzzInbound(f *testing.F) {

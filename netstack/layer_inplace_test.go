@@ -5,25 +5,9 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
-	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
-
-// outPacketRoom is outPacket with headroom in front of the headers, as
-// gVisor leaves it when the layer reports MaxHeaderLength.
-func (r rawSeg) outPacketRoom(room int) *stack.PacketBuffer {
-	hdr, ipLen := r.encode()
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
-		ReserveHeaderBytes: len(hdr) + room,
-		Payload:            buffer.MakeWithData(append([]byte{}, r.payload...)),
-	})
-	copy(pkt.TransportHeader().Push(len(hdr)-ipLen), hdr[ipLen:])
-	pkt.TransportProtocolNumber = header.TCPProtocolNumber
-	copy(pkt.NetworkHeader().Push(ipLen), hdr[:ipLen])
-	pkt.NetworkProtocolNumber = protoOf(hdr)
-	return pkt
-}
 
 // sendRoom writes pkt through the layer and returns the bytes that came
 // out and whether the layer rewrote gVisor's packet in place.
@@ -66,6 +50,7 @@ func normalized(b []byte) []byte {
 // TestLayerInPlace checks that rewriting gVisor's packet in place yields
 // the same segment as rebuilding it, with valid checksums.
 func TestLayerInPlace(t *testing.T) {
+	t.Parallel()
 	ts := cat([]byte{nop, nop}, tsOpt(0x01000001, 0x42424201))
 	for _, tc := range []struct {
 		name    string
@@ -116,6 +101,7 @@ func TestLayerInPlace(t *testing.T) {
 // TestLayerInPlaceRandom compares both paths on random segments: the
 // incremental checksum must be right for any payload and option block.
 func TestLayerInPlaceRandom(t *testing.T) {
+	t.Parallel()
 	rng := rand.New(rand.NewPCG(1, 2))
 	tl := newTestLayer(t)
 	for i := range 300 {
@@ -145,33 +131,6 @@ func TestLayerInPlaceRandom(t *testing.T) {
 		}
 		want, _ := tl.sendRoom(t, in.outPacket())
 		require.Equal(t, normalized(want), normalized(got), "case %d", i)
-	}
-}
-
-// TestLayerFlowCache checks that the layer's cached flow follows Register
-// and Unregister of the same tuple.
-func TestLayerFlowCache(t *testing.T) {
-	tl := newTestLayer(t)
-	in := rawSeg{t: tup4, seq: 1, ack: 2, flags: header.TCPFlagAck, wnd: 3, opts: cat([]byte{nop, nop}, tsOpt(1, 2)), payload: payloadOf(10)}
-	a, b := &fakeFlow{}, &fakeFlow{}
-	steps := []struct {
-		name         string
-		do           func()
-		wantA, wantB int
-		passThrough  uint64
-	}{
-		{"registered", func() { tl.mux.Register(tup4, a) }, 1, 0, 0},
-		{"cached", func() {}, 2, 0, 0},
-		{"unregistered", func() { tl.mux.Unregister(tup4) }, 2, 0, 1},
-		{"registered again", func() { tl.mux.Register(tup4, a) }, 3, 0, 1},
-		{"replaced", func() { tl.mux.Register(tup4, b) }, 3, 1, 1},
-	}
-	for _, st := range steps {
-		st.do()
-		tl.send(t, in)
-		require.Len(t, a.outs, st.wantA, st.name)
-		require.Len(t, b.outs, st.wantB, st.name)
-		require.Equal(t, st.passThrough, tl.mux.Stats.PassThroughOut.Load(), st.name)
 	}
 }
 
@@ -226,6 +185,7 @@ func (tl *testLayer) sendEarly(t *testing.T, pkt *stack.PacketBuffer) [][]byte {
 // bytes are those of the WritePackets path); a segment that needs a split
 // is left to WritePackets, which asks the flow again and splits it.
 func TestLayerAddHeader(t *testing.T) {
+	t.Parallel()
 	ts := cat([]byte{nop, nop}, tsOpt(0x01000001, 0x42424201))
 	seq := uint32(0x7000_0000)
 	t.Run("in place", func(t *testing.T) {
@@ -302,4 +262,5 @@ func TestLayerAddHeader(t *testing.T) {
 type testOwner struct{}
 
 func (testOwner) KUID() uint32 { return 1 }
+
 func (testOwner) KGID() uint32 { return 1 }

@@ -1,302 +1,22 @@
 package netstack
 
 import (
-	"fmt"
-	"net/netip"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
-	"gvisor.dev/gvisor/pkg/buffer"
-	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
-
-var (
-	tup4 = Tuple{Local: netip.MustParseAddrPort("10.0.0.1:40000"), Remote: netip.MustParseAddrPort("10.0.0.2:80")}
-	tup6 = Tuple{Local: netip.MustParseAddrPort("[fd00::1]:40000"), Remote: netip.MustParseAddrPort("[fd00::2]:80")}
-)
-
-// rawSeg describes a TCP segment from the sender's point of view (t.Local
-// is the source).
-type rawSeg struct {
-	t        Tuple
-	seq, ack uint32
-	flags    header.TCPFlags
-	wnd      uint16
-	opts     []byte // padded with NOPs to a multiple of 4 here
-	payload  []byte
-}
-
-// encode builds the segment's IP and TCP headers with gVisor's encoders,
-// independently of buildHeaders, with valid checksums.
-func (r rawSeg) encode() (hdr []byte, ipLen int) {
-	opts := append([]byte{}, r.opts...)
-	for len(opts)%4 != 0 {
-		opts = append(opts, nop)
-	}
-	tcpLen := header.TCPMinimumSize + len(opts)
-	v6 := r.t.Local.Addr().Is6()
-	ipLen = header.IPv4MinimumSize
-	if v6 {
-		ipLen = header.IPv6MinimumSize
-	}
-	hdr = make([]byte, ipLen+tcpLen)
-	src, dst := tcpipAddr(r.t.Local.Addr()), tcpipAddr(r.t.Remote.Addr())
-	if v6 {
-		header.IPv6(hdr).Encode(&header.IPv6Fields{
-			PayloadLength: uint16(tcpLen + len(r.payload)), TransportProtocol: header.TCPProtocolNumber,
-			HopLimit: 64, SrcAddr: src, DstAddr: dst,
-		})
-	} else {
-		ip := header.IPv4(hdr)
-		ip.Encode(&header.IPv4Fields{
-			TotalLength: uint16(ipLen + tcpLen + len(r.payload)), TTL: 64,
-			Protocol: uint8(header.TCPProtocolNumber), SrcAddr: src, DstAddr: dst,
-		})
-		ip.SetChecksum(^ip.CalculateChecksum())
-	}
-	th := header.TCP(hdr[ipLen:])
-	th.Encode(&header.TCPFields{
-		SrcPort: r.t.Local.Port(), DstPort: r.t.Remote.Port(), SeqNum: r.seq, AckNum: r.ack,
-		DataOffset: uint8(tcpLen), Flags: r.flags, WindowSize: r.wnd,
-	})
-	copy(th[header.TCPMinimumSize:], opts)
-	sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(tcpLen+len(r.payload)))
-	sum = checksum.Combine(sum, checksum.Checksum(r.payload, 0))
-	th.SetChecksum(^th.CalculateChecksum(sum))
-	return hdr, ipLen
-}
-
-func (r rawSeg) bytes() []byte {
-	h, _ := r.encode()
-	return append(h, r.payload...)
-}
-
-// outPacket is the segment as gVisor's TCP hands it to the link: headers
-// pushed, payload in Data.
-func (r rawSeg) outPacket() *stack.PacketBuffer {
-	hdr, ipLen := r.encode()
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
-		ReserveHeaderBytes: len(hdr),
-		Payload:            buffer.MakeWithData(append([]byte{}, r.payload...)),
-	})
-	copy(pkt.TransportHeader().Push(len(hdr)-ipLen), hdr[ipLen:])
-	pkt.TransportProtocolNumber = header.TCPProtocolNumber
-	copy(pkt.NetworkHeader().Push(ipLen), hdr[:ipLen])
-	pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
-	if ipLen == header.IPv6MinimumSize {
-		pkt.NetworkProtocolNumber = header.IPv6ProtocolNumber
-	}
-	return pkt
-}
-
-func protoOf(b []byte) tcpip.NetworkProtocolNumber {
-	if len(b) > 0 && b[0]>>4 == 6 {
-		return header.IPv6ProtocolNumber
-	}
-	return header.IPv4ProtocolNumber
-}
-
-// inPacket is raw bytes as a link endpoint delivers them.
-func inPacket(b []byte) *stack.PacketBuffer {
-	return stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(append([]byte{}, b...))})
-}
-
-// wireSeg is a segment read back from the wire, checked independently.
-type wireSeg struct {
-	ipv6     bool
-	src, dst tcpip.Address
-	tcp      header.TCP
-	payload  []byte
-}
-
-// parseWire parses b and requires valid IP and TCP checksums.
-func parseWire(t *testing.T, b []byte) wireSeg {
-	t.Helper()
-	var w wireSeg
-	var ipLen, total int
-	switch b[0] >> 4 {
-	case 4:
-		ip := header.IPv4(b)
-		require.True(t, ip.IsValid(len(b)), "valid IPv4 header")
-		require.True(t, ip.IsChecksumValid(), "IPv4 header checksum")
-		ipLen, total = int(ip.HeaderLength()), int(ip.TotalLength())
-		w.src, w.dst = ip.SourceAddress(), ip.DestinationAddress()
-	case 6:
-		ip := header.IPv6(b)
-		require.GreaterOrEqual(t, len(b), header.IPv6MinimumSize)
-		w.ipv6 = true
-		ipLen, total = header.IPv6MinimumSize, header.IPv6MinimumSize+int(ip.PayloadLength())
-		w.src, w.dst = ip.SourceAddress(), ip.DestinationAddress()
-	default:
-		t.Fatalf("IP version %d", b[0]>>4)
-	}
-	require.Equal(t, len(b), total, "IP length covers the packet exactly")
-	seg := b[ipLen:]
-	sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, w.src, w.dst, uint16(len(seg)))
-	require.EqualValues(t, 0xffff, checksum.Checksum(seg, sum), "TCP checksum")
-	w.tcp = header.TCP(seg)
-	off := int(w.tcp.DataOffset())
-	require.GreaterOrEqual(t, off, header.TCPMinimumSize)
-	require.LessOrEqual(t, off, len(seg))
-	w.payload = seg[off:]
-	return w
-}
-
-// readOut returns the bytes of every packet the lower endpoint was given.
-func readOut(ch *channel.Endpoint) [][]byte {
-	var out [][]byte
-	for pkt := ch.Read(); pkt != nil; pkt = ch.Read() {
-		buf := pkt.ToBuffer()
-		out = append(out, buf.Flatten())
-		buf.Release()
-		pkt.DecRef()
-	}
-	return out
-}
-
-// seenSeg is what a fake flow recorded of a Segment.
-type seenSeg struct {
-	seq, ack   uint32
-	flags      header.TCPFlags
-	wnd        uint16
-	opts       []byte
-	payloadLen int
-	payloadSum uint16
-	room       int
-	via        *Layer
-}
-
-func record(seg *Segment, room int) seenSeg {
-	return seenSeg{
-		seq: seg.Seq, ack: seg.Ack, flags: seg.Flags, wnd: seg.Window,
-		opts: append([]byte{}, seg.Options...), payloadLen: seg.PayloadLen,
-		payloadSum: seg.PayloadSum(), room: room, via: seg.Via,
-	}
-}
-
-// fakeFlow answers Outgoing with scripted options and covers and records
-// every segment it sees.
-type fakeFlow struct {
-	mu sync.Mutex
-	// out returns the options to write and the cover for the i-th call.
-	out    func(i int, seg *Segment) ([]byte, int)
-	accept bool
-	in     []seenSeg
-	outs   []seenSeg
-}
-
-func (f *fakeFlow) Incoming(seg *Segment) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.in = append(f.in, record(seg, 0))
-	return f.accept
-}
-
-func (f *fakeFlow) Outgoing(seg *Segment, opt []byte) (int, int) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	i := len(f.outs)
-	f.outs = append(f.outs, record(seg, len(opt)))
-	if f.out == nil {
-		return 0, seg.PayloadLen
-	}
-	o, cover := f.out(i, seg)
-	return copy(opt, o), cover
-}
-
-func (f *fakeFlow) incoming() []seenSeg {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return append([]seenSeg{}, f.in...)
-}
-
-// fakeDispatcher stands in for the gVisor stack above the layer.
-type fakeDispatcher struct {
-	mu   sync.Mutex
-	pkts [][]byte
-}
-
-func (d *fakeDispatcher) DeliverNetworkPacket(_ tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
-	buf := pkt.Data().ToBuffer()
-	d.mu.Lock()
-	d.pkts = append(d.pkts, buf.Flatten())
-	d.mu.Unlock()
-	buf.Release()
-}
-
-func (d *fakeDispatcher) DeliverLinkPacket(tcpip.NetworkProtocolNumber, *stack.PacketBuffer) {}
-
-func (d *fakeDispatcher) delivered() [][]byte {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return append([][]byte{}, d.pkts...)
-}
-
-type testLayer struct {
-	l    *Layer
-	ch   *channel.Endpoint
-	mux  *Mux
-	disp *fakeDispatcher
-}
-
-func newTestLayer(t testing.TB) *testLayer {
-	t.Helper()
-	ch := channel.New(64, 1500, "")
-	mux := NewMux()
-	tl := &testLayer{l: NewLayer(ch, mux), ch: ch, mux: mux, disp: &fakeDispatcher{}}
-	tl.l.Attach(tl.disp)
-	t.Cleanup(ch.Close)
-	return tl
-}
-
-// send writes one gVisor-built segment through the layer.
-func (tl *testLayer) send(t *testing.T, r rawSeg) [][]byte {
-	t.Helper()
-	pkt := r.outPacket()
-	defer pkt.DecRef()
-	var list stack.PacketBufferList
-	list.PushBack(pkt)
-	n, err := tl.l.WritePackets(list)
-	require.Nil(t, err)
-	require.Equal(t, 1, n, "WritePackets counts gVisor's packets, not the pieces")
-	return readOut(tl.ch)
-}
-
-func (tl *testLayer) receive(b []byte) {
-	pkt := inPacket(b)
-	defer pkt.DecRef()
-	tl.ch.InjectInbound(protoOf(b), pkt)
-}
-
-func payloadOf(n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(i*31 + 7)
-	}
-	return b
-}
-
-func dssOpt(n int, fill byte) []byte {
-	b := []byte{30, byte(n), 0x20, 0x05}
-	for len(b) < n {
-		b = append(b, fill)
-	}
-	return b
-}
 
 func TestLayerMTU(t *testing.T) {
+	t.Parallel()
 	tl := newTestLayer(t)
 	require.EqualValues(t, 1500-OptionBudget, tl.l.MTU())
 	require.EqualValues(t, maxTCPOptions, tl.l.MaxHeaderLength())
 }
 
 func TestLayerOutgoingAddsOptions(t *testing.T) {
+	t.Parallel()
 	ts := cat([]byte{nop, nop}, tsOpt(0x01000001, 0x42424201))
 	for _, tc := range []struct {
 		name    string
@@ -346,6 +66,7 @@ func TestLayerOutgoingAddsOptions(t *testing.T) {
 }
 
 func TestLayerSplit(t *testing.T) {
+	t.Parallel()
 	ts := cat([]byte{nop, nop}, tsOpt(5, 6))
 	for _, tc := range []struct {
 		name    string
@@ -401,6 +122,7 @@ func TestLayerSplit(t *testing.T) {
 }
 
 func TestLayerSACKTrim(t *testing.T) {
+	t.Parallel()
 	ts := cat([]byte{nop, nop}, tsOpt(0x01010101, 0x01010101))
 	for _, tc := range []struct {
 		name      string
@@ -434,6 +156,7 @@ func TestLayerSACKTrim(t *testing.T) {
 }
 
 func TestLayerInbound(t *testing.T) {
+	t.Parallel()
 	ts := cat([]byte{nop, nop}, tsOpt(1, 2))
 	corrupt := func(b []byte) []byte { b[len(b)-1] ^= 0x40; return b }
 	// Link-layer padding beyond the IP length (short Ethernet frames) is
@@ -515,55 +238,8 @@ func TestLayerInbound(t *testing.T) {
 	}
 }
 
-// acceptFunc adapts a function to Acceptor.
-type acceptFunc func(seg *Segment) (Flow, bool)
-
-func (a acceptFunc) SYN(seg *Segment) (Flow, bool) { return a(seg) }
-
-func TestLayerAcceptor(t *testing.T) {
-	for _, tc := range []struct {
-		name     string
-		port     uint16
-		flags    header.TCPFlags
-		giveFlow bool
-		drop     bool
-		wantSYN  int
-		wantUp   int
-		wantFlow int // segments the registered flow saw (SYN excluded)
-	}{
-		{"SYN registers flow", 80, header.TCPFlagSyn, true, false, 1, 2, 1},
-		{"SYN refused", 80, header.TCPFlagSyn, false, true, 1, 1, 0},
-		{"SYN left to gVisor", 80, header.TCPFlagSyn, false, false, 1, 2, 0},
-		{"other port ignored", 81, header.TCPFlagSyn, true, false, 0, 2, 0},
-		{"SYN-ACK not an accept", 80, header.TCPFlagSyn | header.TCPFlagAck, true, false, 0, 2, 0},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			tl := newTestLayer(t)
-			f := &fakeFlow{accept: true}
-			syns := 0
-			tl.mux.SetAcceptor(80, acceptFunc(func(seg *Segment) (Flow, bool) {
-				syns++
-				require.True(t, seg.SYN())
-				if tc.giveFlow {
-					return f, tc.drop
-				}
-				return nil, tc.drop
-			}))
-			local := netip.AddrPortFrom(tup4.Local.Addr(), tc.port)
-			peer := Tuple{Local: tup4.Remote, Remote: local}
-			tl.receive(rawSeg{t: peer, seq: 1, flags: tc.flags, wnd: 100, opts: []byte{header.TCPOptionMSS, 4, 5, 0xb4}}.bytes())
-			tl.receive(rawSeg{t: peer, seq: 2, ack: 9, flags: header.TCPFlagAck, wnd: 100, payload: payloadOf(10)}.bytes())
-			require.Equal(t, tc.wantSYN, syns)
-			require.Len(t, tl.disp.delivered(), tc.wantUp)
-			require.Len(t, f.incoming(), tc.wantFlow)
-			tl.mux.SetAcceptor(80, nil)
-			tl.receive(rawSeg{t: Tuple{Local: netip.MustParseAddrPort("10.9.9.9:1"), Remote: netip.AddrPortFrom(tup4.Local.Addr(), 80)}, seq: 1, flags: header.TCPFlagSyn}.bytes())
-			require.Equal(t, tc.wantSYN, syns, "acceptor removed")
-		})
-	}
-}
-
 func TestLayerPassThroughOut(t *testing.T) {
+	t.Parallel()
 	tl := newTestLayer(t)
 	f := &fakeFlow{out: func(int, *Segment) ([]byte, int) { return dssOpt(20, 1), 0 }}
 	tl.mux.Register(tup6, f) // another flow: must not touch ours
@@ -583,87 +259,32 @@ func TestLayerPassThroughOut(t *testing.T) {
 	require.Empty(t, f.outs)
 }
 
-func TestSendControl(t *testing.T) {
-	ts := cat([]byte{nop, nop}, tsOpt(0xaabbcc01, 0x01))
-	for _, tc := range []struct {
-		name    string
-		t       Tuple
-		segs    []rawSeg // sent by gVisor before the control segment
-		rst     bool
-		opts    []byte
-		wantSeq uint32
-		wantAck uint32
-		wantWnd uint16
-		wantTS  bool
-	}{
-		{"ACK after data", tup4, []rawSeg{{seq: 1000, ack: 50, flags: header.TCPFlagAck | header.TCPFlagPsh, wnd: 900, opts: ts, payload: payloadOf(100)}},
-			false, dssOpt(12, 7), 1100, 50, 900, true},
-		{"v6 ACK after SYN", tup6, []rawSeg{{seq: 0xffffffff, flags: header.TCPFlagSyn, wnd: 65535, opts: ts}},
-			false, dssOpt(8, 7), 0, 0, 0, true},
-		{"retransmission does not move snd.nxt back", tup4, []rawSeg{
-			{seq: 1000, ack: 50, flags: header.TCPFlagAck, wnd: 900, opts: ts, payload: payloadOf(100)},
-			{seq: 1100, ack: 60, flags: header.TCPFlagAck, wnd: 800, opts: ts, payload: payloadOf(100)},
-			{seq: 1000, ack: 70, flags: header.TCPFlagAck, wnd: 700, opts: ts, payload: payloadOf(100)},
-		}, false, dssOpt(12, 7), 1200, 70, 700, true},
-		{"FIN counts", tup4, []rawSeg{{seq: 1, ack: 2, flags: header.TCPFlagAck | header.TCPFlagFin, wnd: 3, opts: ts, payload: payloadOf(9)}},
-			false, nil, 11, 2, 3, true},
-		{"no TS without TS", tup4, []rawSeg{{seq: 1, ack: 2, flags: header.TCPFlagAck, wnd: 3, payload: payloadOf(9)}},
-			false, dssOpt(28, 1), 10, 2, 3, false},
-		{"RST carries no TS", tup6, []rawSeg{{seq: 1000, ack: 50, flags: header.TCPFlagAck, wnd: 900, opts: ts, payload: payloadOf(10)}},
-			true, []byte{30, 4, 0x70, 0x01}, 1010, 50, 900, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			tl := newTestLayer(t)
-			tl.mux.Register(tc.t, &fakeFlow{})
-			for _, s := range tc.segs {
-				s.t = tc.t
-				require.Len(t, tl.send(t, s), 1)
-			}
-			var err error
-			if tc.rst {
-				err = tl.mux.SendRST(tc.t, tc.opts)
-			} else {
-				err = tl.mux.SendACK(tc.t, tc.opts)
-			}
-			require.NoError(t, err)
-			out := readOut(tl.ch)
-			require.Len(t, out, 1)
-			w := parseWire(t, out[0])
-			require.Equal(t, tcpipAddr(tc.t.Local.Addr()), w.src)
-			require.Equal(t, tcpipAddr(tc.t.Remote.Addr()), w.dst)
-			require.Equal(t, tc.t.Local.Port(), w.tcp.SourcePort())
-			require.Equal(t, tc.t.Remote.Port(), w.tcp.DestinationPort())
-			require.Equal(t, tc.wantSeq, w.tcp.SequenceNumber())
-			require.Equal(t, tc.wantAck, w.tcp.AckNumber())
-			require.Equal(t, tc.wantWnd, w.tcp.WindowSize())
-			wantFlags := header.TCPFlagAck
-			if tc.rst {
-				wantFlags |= header.TCPFlagRst
-			}
-			require.Equal(t, wantFlags, w.tcp.Flags())
-			require.Empty(t, w.payload)
-			want := tc.opts
-			if tc.wantTS {
-				want = cat(ts, tc.opts)
-			}
-			got := []byte(w.tcp.Options())
-			require.Equal(t, want, got[:len(want)])
-			info := ParseTCPOptions(got)
-			require.Equal(t, tc.wantTS, info.HasTS)
-			require.EqualValues(t, 1, tl.mux.Stats.ControlSent.Load())
-		})
-	}
-}
-
-func TestSendControlErrors(t *testing.T) {
+// TestLayerFlowCache checks that the layer's cached flow follows Register
+// and Unregister of the same tuple.
+func TestLayerFlowCache(t *testing.T) {
+	t.Parallel()
 	tl := newTestLayer(t)
-	require.Error(t, tl.mux.SendACK(tup4, nil), "unregistered flow")
-	tl.mux.Register(tup4, &fakeFlow{})
-	require.Error(t, tl.mux.SendACK(tup4, nil), "nothing sent yet")
-	require.Len(t, tl.send(t, rawSeg{t: tup4, seq: 1, flags: header.TCPFlagAck, opts: cat([]byte{nop, nop}, tsOpt(1, 2))}), 1)
-	require.Error(t, tl.mux.SendACK(tup4, make([]byte, 29)), "TS + 29 bytes exceed 40")
-	require.NoError(t, tl.mux.SendACK(tup4, dssOpt(28, 0)))
-	require.Len(t, readOut(tl.ch), 1)
+	in := rawSeg{t: tup4, seq: 1, ack: 2, flags: header.TCPFlagAck, wnd: 3, opts: cat([]byte{nop, nop}, tsOpt(1, 2)), payload: payloadOf(10)}
+	a, b := &fakeFlow{}, &fakeFlow{}
+	steps := []struct {
+		name         string
+		do           func()
+		wantA, wantB int
+		passThrough  uint64
+	}{
+		{"registered", func() { tl.mux.Register(tup4, a) }, 1, 0, 0},
+		{"cached", func() {}, 2, 0, 0},
+		{"unregistered", func() { tl.mux.Unregister(tup4) }, 2, 0, 1},
+		{"registered again", func() { tl.mux.Register(tup4, a) }, 3, 0, 1},
+		{"replaced", func() { tl.mux.Register(tup4, b) }, 3, 1, 1},
+	}
+	for _, st := range steps {
+		st.do()
+		tl.send(t, in)
+		require.Len(t, a.outs, st.wantA, st.name)
+		require.Len(t, b.outs, st.wantB, st.name)
+		require.Equal(t, st.passThrough, tl.mux.Stats.PassThroughOut.Load(), st.name)
+	}
 }
 
 // withIPv4Options inserts n bytes of IPv4 NOP options into a v4 packet.
@@ -684,6 +305,7 @@ func withIPv4Options(b []byte, n int) []byte {
 // A segment of a registered flow must reach the flow whatever its header
 // sizes: if it slipped past, gVisor would deliver bytes without a mapping.
 func TestLayerInboundLongHeaders(t *testing.T) {
+	t.Parallel()
 	ts := cat([]byte{nop, nop}, tsOpt(1, 2))
 	for _, tc := range []struct {
 		name   string
@@ -708,61 +330,6 @@ func TestLayerInboundLongHeaders(t *testing.T) {
 			require.Equal(t, tc.tcpOpt, in[0].opts)
 			require.Equal(t, 50, in[0].payloadLen)
 			require.Len(t, tl.disp.delivered(), 1)
-		})
-	}
-}
-
-// panicFlow panics on every segment, as a flow with a bug would.
-type panicFlow struct{}
-
-func (panicFlow) Incoming(*Segment) bool               { panic("flow bug in Incoming") }
-func (panicFlow) Outgoing(*Segment, []byte) (int, int) { panic("flow bug in Outgoing") }
-
-func TestLayerContainsFlowPanics(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		run  func(t *testing.T, tl *testLayer)
-	}{
-		{"incoming", func(t *testing.T, tl *testLayer) {
-			tl.mux.Register(tup4, panicFlow{})
-			tl.receive(rawSeg{t: tup4.Reverse(), seq: 2, ack: 9, flags: header.TCPFlagAck, wnd: 100, payload: payloadOf(10)}.bytes())
-		}},
-		{"outgoing", func(t *testing.T, tl *testLayer) {
-			tl.mux.Register(tup4, panicFlow{})
-			out := tl.send(t, rawSeg{t: tup4, seq: 2, ack: 9, flags: header.TCPFlagAck, wnd: 100, payload: payloadOf(10)})
-			require.Len(t, out, 1, "the segment leaves as plain TCP")
-		}},
-		{"acceptor", func(t *testing.T, tl *testLayer) {
-			tl.mux.SetAcceptor(tup4.Local.Port(), acceptFunc(func(*Segment) (Flow, bool) { panic("acceptor bug") }))
-			tl.receive(rawSeg{t: tup4.Reverse(), seq: 1, flags: header.TCPFlagSyn, wnd: 100}.bytes())
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			tl := newTestLayer(t)
-			type report struct {
-				t     Tuple
-				v     any
-				stack []byte
-			}
-			got := make(chan report, 1)
-			tl.mux.SetPanicHandler(func(tu Tuple, _ Flow, v any, st []byte) { got <- report{tu, v, st} })
-			tc.run(t, tl)
-			require.Empty(t, tl.disp.delivered(), "a segment whose flow panicked is dropped")
-			require.EqualValues(t, 1, tl.mux.Stats.FlowPanics.Load())
-			select {
-			case r := <-got:
-				require.Equal(t, tup4, r.t)
-				require.Contains(t, fmt.Sprint(r.v), "bug")
-				require.Contains(t, string(r.stack), "TestLayerContainsFlowPanics", "the stack shows where it panicked")
-			case <-time.After(5 * time.Second):
-				t.Fatal("panic handler not called")
-			}
-			require.Nil(t, tl.mux.lookup(tup4), "the flow is unregistered")
-			// The layer goes on serving other flows.
-			other := &fakeFlow{accept: true}
-			tl.mux.Register(tup6, other)
-			tl.receive(rawSeg{t: tup6.Reverse(), seq: 2, ack: 9, flags: header.TCPFlagAck, wnd: 100, payload: payloadOf(10)}.bytes())
-			require.Len(t, other.incoming(), 1)
 		})
 	}
 }

@@ -4,10 +4,10 @@ package netstack
 
 import (
 	"fmt"
-	"gvisor.dev/gvisor/pkg/buffer"
 	"net/netip"
 	"sync"
 
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/link/qdisc/fifo"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"

@@ -66,6 +66,7 @@ func buildPacket(t testing.TB, v6 bool, proto tcpip.TransportProtocolNumber, pay
 }
 
 func TestValidChecksums(t *testing.T) {
+	t.Parallel()
 	payload := []byte("mptun checksum test payload")
 	type mutate func(b []byte)
 	flipLast := func(b []byte) { b[len(b)-1] ^= 0x40 }

@@ -1,203 +1,53 @@
 package tun
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
-const echoSize = 64 << 20
-
-// halfCloser is satisfied by *net.TCPConn and *gonet.TCPConn.
-type halfCloser interface {
-	net.Conn
-	CloseWrite() error
-}
-
-// echo copies c back to itself until EOF, then half-closes.
-func echo(c halfCloser) error {
-	defer c.Close()
-	if _, err := io.Copy(c, c); err != nil {
-		return err
-	}
-	return c.CloseWrite()
-}
-
-// roundTrip sends size pseudo-random bytes on c, half-closes, reads the echo
-// until EOF, and checks length and SHA-256.
-func roundTrip(t *testing.T, c halfCloser, size int, seed uint64) {
-	t.Helper()
-	require.NoError(t, c.SetDeadline(time.Now().Add(60*time.Second)))
-	sent := sha256.New()
-	werr := make(chan error, 1)
-	go func() {
-		rng := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)})
-		buf := make([]byte, 256<<10)
-		for left := size; left > 0; {
-			n := min(left, len(buf))
-			_, _ = rng.Read(buf[:n])
-			sent.Write(buf[:n])
-			if _, err := c.Write(buf[:n]); err != nil {
-				werr <- err
-				return
-			}
-			left -= n
-		}
-		werr <- c.CloseWrite()
-	}()
-	got := sha256.New()
-	n, err := io.Copy(got, c)
+func TestNewEndpointErrors(t *testing.T) {
+	t.Parallel()
+	_, err := NewEndpoint(nil, Options{})
+	require.Error(t, err)
+	dev, _ := newFakeDev(t)
+	_, err = NewEndpoint(dev, Options{Batch: -1})
+	require.Error(t, err)
+	// A regular file has no deadlines: the endpoint could not stop its
+	// reader, so it refuses the device.
+	f, err := os.CreateTemp(t.TempDir(), "nodeadline")
 	require.NoError(t, err)
-	require.NoError(t, <-werr)
-	require.Equal(t, int64(size), n)
-	require.Equal(t, sent.Sum(nil), got.Sum(nil), "echoed data differs")
+	t.Cleanup(func() { _ = f.Close() })
+	_, err = NewEndpoint(&fakeDev{file: f, events: make(chan wgtun.Event)}, Options{})
+	require.ErrorIs(t, err, os.ErrNoDeadline)
+
+	ep, err := NewEndpoint(dev, Options{MTU: 1280})
+	require.NoError(t, err)
+	require.Equal(t, uint32(1280), ep.MTU())
+	ep.SetMTU(1400)
+	require.Equal(t, uint32(1400), ep.MTU())
 }
 
-func TestEchoThroughTUN(t *testing.T) {
-	requireRoot(t)
-	for _, cfg := range []struct {
-		name                   string
-		offloads, gro, hostGSO bool
-	}{
-		{"offloads/gro", true, true, false},
-		{"offloads/nogro", true, false, false},
-		{"nooffloads/gro", false, true, false},
-		{"offloads/gro/hostgso", true, true, true},
-	} {
-		{
-			offloads := cfg.offloads
-			t.Run(cfg.name, func(t *testing.T) {
-				f := newFixture(t, offloads, 1500)
-				ep := newEndpointIn(t, f, Options{GRO: cfg.gro, HostGSO: cfg.hostGSO})
-				require.Equal(t, offloads, ep.Offload())
-				s := newStack(t, ep)
-				waitReadyIn(t, f.ns, f.name)
+// TestLifecycle, TestAttachDetachClose and TestTeardownUnderLoad count the
+// endpoint's goroutines in the whole process, so they do not call
+// t.Parallel (parallel tests run after them).
 
-				tests := []struct {
-					name       string
-					kern, gv   netip.Addr
-					kernelDial bool
-				}{
-					{"v4/kernel-dials-gvisor", kernAddr4, gvAddr4, true},
-					{"v4/gvisor-dials-kernel", kernAddr4, gvAddr4, false},
-					{"v6/kernel-dials-gvisor", kernAddr6, gvAddr6, true},
-					{"v6/gvisor-dials-kernel", kernAddr6, gvAddr6, false},
-				}
-				for i, tc := range tests {
-					t.Run(tc.name, func(t *testing.T) {
-						ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-						t.Cleanup(cancel)
-						before := ep.Stats()
-						t.Cleanup(func() {
-							if t.Failed() {
-								st := s.Stats()
-								t.Logf("endpoint %+v", ep.Stats())
-								t.Logf("ip malformed %d, tcp checksum errors %d, invalid %d, retransmits %d, timeouts %d",
-									st.IP.MalformedPacketsReceived.Value(), st.TCP.ChecksumErrors.Value(),
-									st.TCP.InvalidSegmentsReceived.Value(), st.TCP.Retransmits.Value(), st.TCP.Timeouts.Value())
-							}
-						})
-						echoErr := make(chan error, 1)
-						var client halfCloser
-						if tc.kernelDial {
-							ln, err := gonet.ListenTCP(s, fullAddr(tc.gv, 0), protoOf(tc.gv))
-							require.NoError(t, err)
-							t.Cleanup(func() { _ = ln.Close() })
-							port := ln.Addr().(*net.TCPAddr).Port
-							go func() {
-								c, err := ln.Accept()
-								if err != nil {
-									echoErr <- err
-									return
-								}
-								echoErr <- echo(c.(*gonet.TCPConn))
-							}()
-							require.NoError(t, inNetns(f.ns, func() error {
-								var d net.Dialer
-								c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(tc.gv, uint16(port)).String())
-								if err == nil {
-									client = c.(*net.TCPConn)
-								}
-								return err
-							}))
-						} else {
-							var ln net.Listener
-							require.NoError(t, inNetns(f.ns, func() error {
-								var err error
-								ln, err = net.Listen("tcp", netip.AddrPortFrom(tc.kern, 0).String())
-								return err
-							}))
-							t.Cleanup(func() { _ = ln.Close() })
-							go func() {
-								c, err := ln.Accept()
-								if err != nil {
-									echoErr <- err
-									return
-								}
-								echoErr <- echo(c.(*net.TCPConn))
-							}()
-							port := uint16(ln.Addr().(*net.TCPAddr).Port)
-							c, err := gonet.DialContextTCP(ctx, s, fullAddr(tc.kern, port), protoOf(tc.kern))
-							require.NoError(t, err)
-							client = c
-						}
-						t.Cleanup(func() { _ = client.Close() })
-						roundTrip(t, client, echoSize, uint64(i))
-						select {
-						case err := <-echoErr:
-							require.NoError(t, err)
-						case <-ctx.Done():
-							t.Fatal("echo side did not finish")
-						}
-						after := ep.Stats()
-						require.GreaterOrEqual(t, after.BytesIn-before.BytesIn, uint64(echoSize))
-						require.GreaterOrEqual(t, after.BytesOut-before.BytesOut, uint64(echoSize))
-						require.Zero(t, after.ReadErrors)
-						require.Zero(t, after.ChecksumErrors)
-						outAvg := (after.BytesOut - before.BytesOut) / max(after.PacketsOut-before.PacketsOut, 1)
-						if cfg.hostGSO {
-							require.Greater(t, outAvg, uint64(1500), "host GSO must hand over super-segments")
-						} else {
-							require.LessOrEqual(t, outAvg, uint64(1500), "without host GSO every segment fits the MTU")
-						}
-						t.Logf("stats delta: in %d pkts/%d batches, out %d pkts/%d batches, drops %d",
-							after.PacketsIn-before.PacketsIn, after.ReadBatches-before.ReadBatches,
-							after.PacketsOut-before.PacketsOut, after.WriteBatches-before.WriteBatches,
-							after.Drops-before.Drops)
-					})
-				}
-			})
-		}
-	}
-}
-
-// endpointGoroutines counts the goroutines the endpoint started (reader and
-// event loops). Other goroutines, like the qdisc's, may be inside an
-// Endpoint method too, so the creator is what identifies them.
-func endpointGoroutines() int {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	n := 0
-	for _, g := range bytes.Split(buf, []byte("\n\n")) {
-		if strings.Contains(string(g), "created by github.com/mptun/mptun/tun.(*Endpoint).Attach") {
-			n++
-		}
-	}
-	return n
-}
-
+// TestLifecycle: against a real TUN, NewEndpoint starts nothing, the NIC
+// starts the reader and the event loop, closing the stack stops them, and
+// a new endpoint on the same device carries traffic again.
 func TestLifecycle(t *testing.T) {
 	requireRoot(t)
 	f := newFixture(t, true, 1500)
@@ -253,8 +103,54 @@ func TestLifecycle(t *testing.T) {
 	require.NoError(t, err)
 }
 
+// TestAttachDetachClose: every Attach starts a reader and the next stops
+// it; after Close nothing starts again, writes fail and the device, which
+// is not the endpoint's, stays open.
+func TestAttachDetachClose(t *testing.T) {
+	dev, peer := newFakeDev(t)
+	ep, err := NewEndpoint(dev, Options{})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ep.Close() })
+
+	// Attach, detach, re-attach: the reader must see packets each time.
+	for round := 0; round < 3; round++ {
+		rec := newRecorder()
+		ep.Attach(rec)
+		require.True(t, ep.IsAttached())
+		p := buildPacket(t, false, header.UDPProtocolNumber, []byte{byte(round)})
+		_, err := peer.Write(p)
+		require.NoError(t, err)
+		require.Equal(t, p, rec.wait(t, 1)[0])
+		ep.Attach(nil)
+		require.False(t, ep.IsAttached())
+		ep.Wait()
+		require.Zero(t, endpointGoroutines(), "round %d", round)
+	}
+
+	ep.Attach(newRecorder())
+	require.NoError(t, ep.Close())
+	require.NoError(t, ep.Close())
+	require.Zero(t, endpointGoroutines())
+	require.False(t, ep.IsAttached())
+	ep.Attach(newRecorder())
+	require.False(t, ep.IsAttached(), "Attach after Close must not start a reader")
+
+	p := buildPacket(t, true, header.UDPProtocolNumber, []byte("after close"))
+	var l2 stack.PacketBufferList
+	l2.PushBack(stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(p)}))
+	t.Cleanup(l2.DecRef)
+	_, terr := ep.WritePackets(l2)
+	require.IsType(t, &tcpip.ErrClosedForSend{}, terr)
+	// The device is not ours to close.
+	_, err = dev.File().Write(p)
+	require.NoError(t, err)
+}
+
+// TestCloseDevice: with Options.CloseDevice, Close runs the stack's close
+// action once and closes the device.
 func TestCloseDevice(t *testing.T) {
 	requireRoot(t)
+	t.Parallel()
 	f := newFixture(t, false, 1400)
 	ep := newEndpointIn(t, f, Options{CloseDevice: true, MTU: 1300})
 	require.Equal(t, uint32(1300), ep.MTU())

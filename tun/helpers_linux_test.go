@@ -1,10 +1,14 @@
 package tun
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
+	mrand "math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -219,4 +223,64 @@ func newEndpointIn(t tb, f *fixture, opts Options) *Endpoint {
 	}))
 	t.Cleanup(func() { _ = ep.Close() })
 	return ep
+}
+
+// halfCloser is satisfied by *net.TCPConn and *gonet.TCPConn.
+type halfCloser interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// echo copies c back to itself until EOF, then half-closes.
+func echo(c halfCloser) error {
+	defer c.Close()
+	if _, err := io.Copy(c, c); err != nil {
+		return err
+	}
+	return c.CloseWrite()
+}
+
+// roundTrip sends size pseudo-random bytes on c, half-closes, reads the echo
+// until EOF, and checks length and SHA-256.
+func roundTrip(t *testing.T, c halfCloser, size int, seed uint64) {
+	t.Helper()
+	require.NoError(t, c.SetDeadline(time.Now().Add(60*time.Second)))
+	sent := sha256.New()
+	werr := make(chan error, 1)
+	go func() {
+		rng := mrand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)})
+		buf := make([]byte, 256<<10)
+		for left := size; left > 0; {
+			n := min(left, len(buf))
+			_, _ = rng.Read(buf[:n])
+			sent.Write(buf[:n])
+			if _, err := c.Write(buf[:n]); err != nil {
+				werr <- err
+				return
+			}
+			left -= n
+		}
+		werr <- c.CloseWrite()
+	}()
+	got := sha256.New()
+	n, err := io.Copy(got, c)
+	require.NoError(t, err)
+	require.NoError(t, <-werr)
+	require.Equal(t, int64(size), n)
+	require.Equal(t, sent.Sum(nil), got.Sum(nil), "echoed data differs")
+}
+
+// endpointGoroutines counts the goroutines the endpoint started (reader and
+// event loops). Other goroutines, like the qdisc's, may be inside an
+// Endpoint method too, so the creator is what identifies them.
+func endpointGoroutines() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if strings.Contains(string(g), "created by github.com/mptun/mptun/tun.(*Endpoint).Attach") {
+			n++
+		}
+	}
+	return n
 }

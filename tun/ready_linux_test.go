@@ -10,6 +10,7 @@ import (
 
 func TestWaitReady(t *testing.T) {
 	requireRoot(t)
+	t.Parallel()
 	ns := newNetns(t)
 	name := "mtt" + suffix(t)
 

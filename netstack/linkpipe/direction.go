@@ -51,6 +51,9 @@ type direction struct {
 	// +checklocks:mu
 	q ring
 
+	// hook is read on every delivery, so it is not under mu.
+	hook atomic.Pointer[Hook]
+
 	stats counters
 }
 
@@ -82,6 +85,14 @@ func (d *direction) setConfig(cfg Direction) {
 	defer d.mu.Unlock()
 	d.cfg = cfg
 	d.queueLimit = limit
+}
+
+func (d *direction) setHook(h Hook) {
+	if h == nil {
+		d.hook.Store(nil)
+		return
+	}
+	d.hook.Store(&h)
 }
 
 // protocolOf returns the network protocol from the IP version nibble.
@@ -208,11 +219,16 @@ func (d *direction) run() {
 }
 
 // deliver hands one packet to the receiving stack, or drops it if an
-// outage began after it was sent.
+// outage began after it was sent or the hook refuses it.
 func (d *direction) deliver(it item) {
 	if d.link.down.Load() || it.epoch != d.link.downEpoch.Load() {
 		it.view.Release()
 		d.stats.droppedDown.Add(1)
+		return
+	}
+	if h := d.hook.Load(); h != nil && !(*h)(it.view.AsSlice()) {
+		it.view.Release()
+		d.stats.droppedHook.Add(1)
 		return
 	}
 	size := it.view.Size()
@@ -259,7 +275,8 @@ type counters struct {
 	sentPackets, sentBytes           atomic.Uint64
 	deliveredPackets, deliveredBytes atomic.Uint64
 	droppedLoss, droppedQueue        atomic.Uint64
-	droppedDown, droppedOther        atomic.Uint64
+	droppedDown, droppedHook         atomic.Uint64
+	droppedOther                     atomic.Uint64
 }
 
 func (c *counters) snapshot() DirectionStats {
@@ -271,6 +288,7 @@ func (c *counters) snapshot() DirectionStats {
 		DroppedLoss:      c.droppedLoss.Load(),
 		DroppedQueue:     c.droppedQueue.Load(),
 		DroppedDown:      c.droppedDown.Load(),
+		DroppedHook:      c.droppedHook.Load(),
 		DroppedOther:     c.droppedOther.Load(),
 	}
 }

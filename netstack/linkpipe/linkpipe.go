@@ -1,8 +1,9 @@
 // Package linkpipe joins two gVisor stacks by an emulated point-to-point
 // link: a pair of connected stack.LinkEndpoints with per-direction delay,
-// jitter, random loss, rate limiting with a bounded tail-drop queue, and
-// outages. It needs no privileges, so the MPTCP engine's in-process tests
-// can model several uplinks with it.
+// jitter, random loss, rate limiting with a bounded tail-drop queue,
+// outages, and a middlebox (Hook) that may rewrite or drop packets. It needs
+// no privileges, so the MPTCP engine's in-process tests can model several
+// uplinks, and what sits on them, with it.
 //
 // The link carries bare L3 packets (IPv4/IPv6, no link header, no ARP/NDP
 // resolution), like gVisor's link/channel and link/pipe. It advertises no
@@ -53,6 +54,16 @@ type Direction struct {
 	QueueBytes int
 }
 
+// Hook is a middlebox on one direction of a link, in front of the receiving
+// endpoint: it sees every packet the link is about to deliver (after loss,
+// queueing and delay), as the bytes of its IP packet. It may rewrite them
+// in place, without changing the length (a NAT, a normalising firewall, a
+// corrupting path), and returns false to drop the packet (a firewall). The
+// bytes are the link's own copy, so rewriting them costs no copy and never
+// reaches the sender. It runs on the direction's delivery goroutine, one
+// packet at a time; like a delivery, it must not call Close.
+type Hook func(pkt []byte) (pass bool)
+
 // Config describes a link.
 type Config struct {
 	// MTU of both endpoints; 0 means DefaultMTU.
@@ -77,6 +88,8 @@ type DirectionStats struct {
 	// DroppedDown counts packets dropped because the link was down, when
 	// they were sent or while they were in flight.
 	DroppedDown uint64
+	// DroppedHook counts packets a Hook dropped.
+	DroppedHook uint64
 	// DroppedOther counts packets dropped because the receiving endpoint
 	// was not attached to a stack, was not IP, or the link was closed.
 	DroppedOther uint64
@@ -171,6 +184,12 @@ func (e *Endpoint) IsDown() bool { return e.link.down.Load() }
 // Packets already in flight keep their schedule; the order of delivery is
 // preserved unless d.Reorder is set.
 func (e *Endpoint) SetDirection(d Direction) { e.tx.setConfig(d) }
+
+// SetHook puts the middlebox h on this endpoint's outgoing direction, in
+// front of the peer (nil removes it). It is kept apart from Direction, so
+// that changing the emulation with SetDirection leaves the middlebox in
+// place. Packets in flight meet the hook installed when they arrive.
+func (e *Endpoint) SetHook(h Hook) { e.tx.setHook(h) }
 
 // Direction returns the emulation of this endpoint's outgoing direction.
 func (e *Endpoint) Direction() Direction {

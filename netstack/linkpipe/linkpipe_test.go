@@ -14,6 +14,9 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
+// Every test owns its link; those that bound a delay or a rate from above,
+// race the link's delay, or count goroutines do not run in parallel.
+
 // arrival is one packet seen by a recorder.
 type arrival struct {
 	proto tcpip.NetworkProtocolNumber
@@ -98,6 +101,7 @@ func newRecordedLink(t *testing.T, cfg Config) (a, b *Endpoint, rec *recorder) {
 }
 
 func TestDelayAndOrder(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		dir  Direction
@@ -131,6 +135,7 @@ func TestDelayAndOrder(t *testing.T) {
 }
 
 func TestJitterReorderOption(t *testing.T) {
+	t.Parallel()
 	a, _, rec := newRecordedLink(t, Config{
 		AtoB: Direction{Delay: 10 * time.Millisecond, Jitter: 9 * time.Millisecond, Reorder: true},
 		Seed: 1,
@@ -151,6 +156,7 @@ func TestJitterReorderOption(t *testing.T) {
 }
 
 func TestLossIsDeterministic(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		loss float64
@@ -234,6 +240,7 @@ func TestSetDownUpQuicklyStillDropsInFlight(t *testing.T) {
 }
 
 func TestSetDirectionAtRunTime(t *testing.T) {
+	t.Parallel()
 	a, _, rec := newRecordedLink(t, Config{})
 	sendSeq(t, a, 0, 1, 100)
 	require.Eventually(t, func() bool { return rec.count() == 1 }, time.Second, time.Millisecond)
@@ -253,6 +260,7 @@ func TestSetDirectionAtRunTime(t *testing.T) {
 }
 
 func TestProtocolAndCopies(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name      string
 		version   byte
@@ -291,7 +299,46 @@ func TestProtocolAndCopies(t *testing.T) {
 	}
 }
 
+// TestHook checks the middlebox: it sees every packet that survives the
+// emulation, its rewrites reach the peer (and not the sender's packet), its
+// refusals are counted, and SetDirection leaves it in place.
+func TestHook(t *testing.T) {
+	t.Parallel()
+	a, b, rec := newRecordedLink(t, Config{AtoB: Direction{Delay: time.Millisecond}})
+	var seen []uint32 // only the delivery goroutine writes it until the end
+	a.SetHook(func(pkt []byte) bool {
+		seq := binary.BigEndian.Uint32(pkt[20:24])
+		seen = append(seen, seq)
+		pkt[30] = 0xee
+		return seq%3 != 0
+	})
+	sent := rawPacket(4, 1, 60)
+	write(t, a, sent).DecRef()
+	require.Eventually(t, func() bool { return rec.count() == 1 }, time.Second, time.Millisecond)
+	require.Equal(t, byte(0xee), rec.arrivals()[0].data[30], "the rewrite reaches the peer")
+	require.Zero(t, sent[30], "and not the sender's packet")
+
+	a.SetDirection(Direction{})
+	sendSeq(t, a, 2, 10, 60)
+	require.Eventually(t, func() bool { return a.Stats().Tx.DeliveredPackets+a.Stats().Tx.DroppedHook == 9 }, time.Second, time.Millisecond)
+	st := a.Stats()
+	require.Equal(t, uint64(3), st.Tx.DroppedHook, "3, 6 and 9 refused")
+	require.Equal(t, st.Tx, b.Stats().Rx)
+	require.Equal(t, []uint32{1, 2, 3, 4, 5, 6, 7, 8, 9}, seen)
+	var got []uint32
+	for _, g := range rec.arrivals() {
+		got = append(got, g.seq)
+	}
+	require.Equal(t, []uint32{1, 2, 4, 5, 7, 8}, got)
+
+	a.SetHook(nil)
+	sendSeq(t, a, 12, 13, 60)
+	require.Eventually(t, func() bool { return rec.count() == 7 }, time.Second, time.Millisecond)
+	require.Zero(t, rec.arrivals()[6].data[30], "hook removed")
+}
+
 func TestUnattachedPeerCountsDrops(t *testing.T) {
+	t.Parallel()
 	a, b := New(Config{})
 	t.Cleanup(a.Close)
 	require.False(t, b.IsAttached())

@@ -195,6 +195,7 @@ func transfer(t *testing.T, p *stackPair, v6 bool, size int, timeout time.Durati
 }
 
 func TestTCPTransfer(t *testing.T) {
+	t.Parallel()
 	const size = 8 << 20
 	tests := []struct {
 		name string
@@ -246,6 +247,9 @@ func TestTCPTransfer(t *testing.T) {
 }
 
 func TestRTT(t *testing.T) {
+	if testing.Short() {
+		t.Skip("seconds of round-trip measurements")
+	}
 	tests := []struct {
 		name   string
 		ab, ba time.Duration
@@ -300,6 +304,9 @@ func TestRTT(t *testing.T) {
 }
 
 func TestRate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("seconds of rate measurements")
+	}
 	tests := []struct {
 		name  string
 		rate  int64
@@ -340,6 +347,7 @@ func TestRate(t *testing.T) {
 }
 
 func TestOutageAndResume(t *testing.T) {
+	t.Parallel()
 	const size = 8 << 20
 	p := newStackPair(t, Config{
 		AtoB: Direction{Delay: 2 * time.Millisecond},

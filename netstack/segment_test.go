@@ -1,7 +1,6 @@
 package netstack
 
 import (
-	"encoding/binary"
 	"net/netip"
 	"testing"
 
@@ -11,37 +10,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
-const (
-	nop = header.TCPOptionNOP
-	eol = header.TCPOptionEOL
-)
-
-// tsOpt is a timestamp option (kind 8, length 10).
-func tsOpt(val, ecr uint32) []byte {
-	b := []byte{header.TCPOptionTS, 10}
-	b = binary.BigEndian.AppendUint32(b, val)
-	return binary.BigEndian.AppendUint32(b, ecr)
-}
-
-// sackOpt is a SACK option with n blocks of 8 bytes.
-func sackOpt(n int) []byte {
-	b := []byte{header.TCPOptionSACK, byte(2 + 8*n)}
-	for i := range n {
-		b = binary.BigEndian.AppendUint32(b, uint32(1000*(i+1)))
-		b = binary.BigEndian.AppendUint32(b, uint32(1000*(i+1)+500))
-	}
-	return b
-}
-
-func cat(parts ...[]byte) []byte {
-	var out []byte
-	for _, p := range parts {
-		out = append(out, p...)
-	}
-	return out
-}
-
 func TestCompactOptions(t *testing.T) {
+	t.Parallel()
 	mss := []byte{header.TCPOptionMSS, 4, 0x05, 0xb4}
 	// Option data whose last byte equals NOP (0x01) or EOL (0x00): a trim
 	// that looks at bytes instead of walking options would cut them off.
@@ -80,6 +50,7 @@ func TestCompactOptions(t *testing.T) {
 }
 
 func TestParseTCPOptions(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		in   []byte
@@ -141,6 +112,7 @@ var (
 )
 
 func TestParseIP(t *testing.T) {
+	t.Parallel()
 	tcpProto := uint8(header.TCPProtocolNumber)
 	for _, tc := range []struct {
 		name    string
@@ -178,6 +150,7 @@ func TestParseIP(t *testing.T) {
 }
 
 func TestBuildHeaders(t *testing.T) {
+	t.Parallel()
 	t4 := Tuple{Local: netip.MustParseAddrPort("10.0.0.1:40000"), Remote: netip.MustParseAddrPort("10.0.0.2:80")}
 	t6 := Tuple{Local: netip.MustParseAddrPort("[fd00::1]:40000"), Remote: netip.MustParseAddrPort("[fd00::2]:443")}
 	payload := make([]byte, 1001) // odd length exercises the odd-byte sum

@@ -15,6 +15,7 @@ import (
 	tcpheader "gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 	"github.com/mptun/mptun/netstack"
 )
 
@@ -43,8 +44,8 @@ type Conn struct {
 	mu             sync.Mutex
 	notify         chan struct{} // closed and replaced to wake waiters
 	notifyUsed     bool          // somebody holds notify
-	localKey       Key
-	remoteKey      Key
+	localKey       mpkey.Key
+	remoteKey      mpkey.Key
 	remoteKeyKnown bool
 	startedAt      time.Time // start(): the connection is established
 	// awaitKey is the accept that waits for the peer's key (see
@@ -156,7 +157,7 @@ func newConn(e *Endpoint, active bool) *Conn {
 }
 
 // setKeyLocked installs the local key and derives what follows from it.
-func (c *Conn) setLocalKey(k Key) {
+func (c *Conn) setLocalKey(k mpkey.Key) {
 	c.localKey = k
 	c.localToken, c.localIDSN = k.TokenIDSN()
 	c.snd = newSendBuffer(c.localIDSN+1, c.e.cfg.SendBuffer)
@@ -166,7 +167,7 @@ func (c *Conn) setLocalKey(k Key) {
 	c.finDSN = 0
 }
 
-func (c *Conn) setRemoteKeyLocked(k Key) {
+func (c *Conn) setRemoteKeyLocked(k mpkey.Key) {
 	if c.remoteKeyKnown {
 		return
 	}
@@ -1073,7 +1074,7 @@ func (c *Conn) Stats() ConnStats {
 // Keys returns the connection's local and remote MPTCP keys (zero for a
 // connection that fell back to TCP). Applications bind authentication to
 // them so that it cannot be replayed on another connection.
-func (c *Conn) Keys() (local, remote Key) {
+func (c *Conn) Keys() (local, remote mpkey.Key) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.fallback || !c.remoteKeyKnown {

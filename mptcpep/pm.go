@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 // pathManager keeps a full mesh of subflows between the endpoint's local
@@ -189,7 +190,7 @@ func (c *Conn) announceAddrs() {
 		}
 		c.announced[l.ID] = &announcement{opt: header.AddAddr{
 			AddrID: l.ID, Addr: a,
-			HMAC: AddAddrHMAC(c.localKey, c.remoteKey, l.ID, a, 0),
+			HMAC: mpkey.AddAddrHMAC(c.localKey, c.remoteKey, l.ID, a, 0),
 		}}
 	}
 	if len(c.announced) > 0 {
@@ -209,7 +210,7 @@ func (c *Conn) addAddrInLocked(sf *subflow, a *header.AddAddr) {
 		return
 	}
 	mib.AddAddrRX.Add(1)
-	if !c.remoteKeyKnown || a.HMAC != AddAddrHMAC(c.remoteKey, c.localKey, a.AddrID, a.Addr, a.Port) {
+	if !c.remoteKeyKnown || a.HMAC != mpkey.AddAddrHMAC(c.remoteKey, c.localKey, a.AddrID, a.Addr, a.Port) {
 		mib.AddAddrHMACFail.Add(1)
 		return
 	}

@@ -22,6 +22,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 // TestSubflowLossReinjection takes path 0 down in the middle of a 32 MiB
@@ -631,7 +632,7 @@ func TestAddAddr(t *testing.T) {
 		tuple := sc.subflows[0].tuple
 		// The right HMAC for another address: a replay must fail as well.
 		replay := header.AddAddr{AddrID: 9, Addr: netip.AddrFrom4([4]byte{10, 9, 9, 10}),
-			HMAC: AddAddrHMAC(sc.localKey, sc.remoteKey, 9, netip.AddrFrom4([4]byte{10, 9, 9, 9}), 0)}
+			HMAC: mpkey.AddAddrHMAC(sc.localKey, sc.remoteKey, 9, netip.AddrFrom4([4]byte{10, 9, 9, 9}), 0)}
 		sc.mu.Unlock()
 		for _, a := range []header.AddAddr{forged, replay} {
 			b := make([]byte, a.Len())

@@ -8,6 +8,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 // maxChunk is the most the scheduler hands one subflow at a time.
@@ -420,7 +421,7 @@ func (c *Conn) control() time.Time {
 				sf.joinAckTries++
 				sf.joinAckAt = now
 				b := make([]byte, header.MPJoinACKLen)
-				header.MPJoinACK{HMAC: JoinACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}.Encode(b)
+				header.MPJoinACK{HMAC: mpkey.JoinACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}.Encode(b)
 				sends = append(sends, send{sf, b})
 				due = now.Add(rto << min(sf.joinAckTries, 5))
 			}

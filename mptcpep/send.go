@@ -338,14 +338,7 @@ func (c *Conn) pickLocked(live []*subflow) (*subflow, int) {
 	live = ready
 	paths := make([]PathInfo, len(live))
 	for i, sf := range live {
-		paths[i] = PathInfo{
-			RTT:      sf.info.rtt,
-			Cwnd:     sf.info.cwnd,
-			MSS:      sf.info.mss,
-			Inflight: sf.inflight(),
-			SendFree: sf.info.sndFree,
-			Backup:   sf.isBackup(),
-		}
+		paths[i] = sf.pathInfo()
 	}
 	i, n := c.e.cfg.Scheduler.Pick(paths)
 	if i < 0 || i >= len(live) || n <= 0 {
@@ -394,17 +387,10 @@ func (c *Conn) control() time.Time {
 	}
 	rto := c.rtoLocked()
 	best := c.ackSubflowLocked()
-	dssAck := func() []byte {
-		d := header.DSS{HasDataAck: true, DataAck64: true, DataAck: c.rcv.RcvNxt()}
-		b := make([]byte, d.Len())
-		d.Encode(b)
-		c.lastDataAckTx = c.rcv.RcvNxt()
-		return b
-	}
 	for _, sf := range c.subflows {
 		if sf.needAck && sf.state == sfEstablished {
 			sf.needAck = false
-			sends = append(sends, send{sf, dssAck()})
+			sends = append(sends, send{sf, c.dataAckOptionLocked()})
 		}
 		// A joining initiator retransmits its third ACK until the fourth.
 		if !sf.initial && sf.active && sf.state == sfPreEstablished && sf.joinAckSent {
@@ -461,7 +447,7 @@ func (c *Conn) control() time.Time {
 			c.ackDueAt = time.Time{}
 			if c.rcv.RcvNxt() != c.lastDataAckTx && best != nil {
 				c.e.MIB.DataAckTX.Add(1)
-				sends = append(sends, send{best, dssAck()})
+				sends = append(sends, send{best, c.dataAckOptionLocked()})
 			}
 		} else {
 			at(c.ackDueAt)
@@ -655,3 +641,113 @@ type errString string
 func (e errString) Error() string { return string(e) }
 
 const errJoinTimeout = errString("mptcp: join: no fourth ACK")
+
+// Write implements net.Conn.
+func (c *Conn) Write(p []byte) (int, error) {
+	if c.fb != nil {
+		return c.fb.Write(p)
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	total := 0
+	for len(p) > 0 {
+		if err := c.writeErrLocked(); err != nil {
+			return total, err
+		}
+		if n := c.snd.Write(p); n > 0 {
+			total += n
+			p = p[n:]
+			c.stats.bytesSent += uint64(n)
+			c.kickLocked()
+			continue
+		}
+		if err := c.waitLocked(c.writeDeadline); err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+// writeErrLocked is why Write and ReadFrom can take no more data, or nil.
+func (c *Conn) writeErrLocked() error {
+	if c.writeClosed || c.err == io.EOF {
+		return ErrClosed
+	}
+	return c.err
+}
+
+// ReadFrom implements io.ReaderFrom: it reads from r straight into the
+// send buffer, so io.Copy to a Conn costs one copy less than through
+// Write (as many as plain TCP through gVisor's gonet).
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	if c.fb != nil {
+		return io.Copy(struct{ io.Writer }{c.fb}, r)
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var total int64
+	for {
+		if err := c.writeErrLocked(); err != nil {
+			return total, err
+		}
+		tail := c.snd.Tail()
+		if len(tail) == 0 {
+			if err := c.waitLocked(c.writeDeadline); err != nil {
+				return total, err
+			}
+			continue
+		}
+		// The tail's block stays in place while pinned (an Ack cannot
+		// recycle it), and only this writer appends (wmu).
+		c.snd.Pin()
+		c.mu.Unlock()
+		n, err := r.Read(tail)
+		c.mu.Lock()
+		n = max(min(n, len(tail)), 0)
+		c.snd.Commit(n)
+		c.snd.Unpin()
+		if n > 0 {
+			total += int64(n)
+			c.stats.bytesSent += uint64(n)
+			c.kickLocked()
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+func (c *Conn) hasPendingData() bool {
+	if len(c.reinjectQ) > 0 || (c.snd != nil && dsnLT(c.sndNxt, c.snd.End())) {
+		return true
+	}
+	for _, sf := range c.subflows {
+		if sf.owed.Len > 0 && sf.usable() {
+			return true
+		}
+	}
+	return false
+}
+
+// reinjectLocked queues what sf carried and the peer did not DATA_ACK.
+func (c *Conn) reinjectLocked(sf *subflow) {
+	una := c.snd.Una()
+	for _, s := range sf.tx.Unacked() {
+		end := s.DSN + uint64(s.Len)
+		if dsnLEQ(end, una) {
+			continue
+		}
+		if dsnLT(s.DSN, una) {
+			s.Len -= int(una - s.DSN)
+			s.DSN = una
+		}
+		c.reinjectQ = append(c.reinjectQ, s)
+	}
+}

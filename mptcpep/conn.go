@@ -565,3 +565,8 @@ func (c *Conn) MultipathTCP() bool {
 var _ net.Conn = (*Conn)(nil)
 
 const rstAck = tcpheader.TCPFlagRst | tcpheader.TCPFlagAck
+
+// errString is an error that can be a constant.
+type errString string
+
+func (e errString) Error() string { return string(e) }

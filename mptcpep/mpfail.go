@@ -439,3 +439,23 @@ func newFallbackConn(wq *waiter.Queue, ep tcpip.Endpoint) *fallbackConn {
 
 // Abort resets the connection.
 func (f *fallbackConn) Abort() { f.ep.Abort() }
+
+// infiniteFinLocked runs from control after the fallback, when the
+// connection is plain TCP: our subflow FIN is the DATA_FIN (sent once all
+// data is written), and the connection ends when it is acknowledged and
+// the peer's FIN came.
+func (c *Conn) infiniteFinLocked() {
+	if c.writeClosed && !c.shutWrSent && c.sndNxt == c.snd.End() && len(c.subflows) > 0 {
+		c.shutWrSent = true
+		sf := c.subflows[0]
+		c.finSSN = sf.wrote // the FIN follows the last byte
+		ep := sf.ep
+		c.actions = append(c.actions, func() { ep.Shutdown(tcpip.ShutdownWrite) })
+	}
+	if len(c.subflows) > 0 && c.infiniteFinAckedLocked(c.subflows[0]) {
+		c.finAcked = true
+	}
+	if c.finAcked && c.rcv.EOF() {
+		c.finishLocked(nil)
+	}
+}

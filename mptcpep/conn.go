@@ -1,6 +1,7 @@
 package mptcpep
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -27,11 +28,21 @@ type Conn struct {
 	active bool
 	port   uint16 // the peer's port of the initial subflow (joins use it)
 
-	done     chan struct{} // closed when the connection is finished
-	kick     chan struct{} // wakes the run goroutine
-	pmCh     chan struct{} // wakes the path manager
-	doneOnce sync.Once
-	wg       sync.WaitGroup
+	// ctx is the connection's life, cancelled when it finishes (done is
+	// its Done channel): what the connection starts (joins) derives from it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   <-chan struct{} // closed when the connection is finished
+	kick   chan struct{}   // wakes the run goroutine
+	pmCh   chan struct{}   // wakes the path manager
+	// wg counts every goroutine of the connection (run goroutine, path
+	// manager and its joins, subflow readers, close watchdog), so that
+	// Abort returns once they all ended. Add only under mu while the
+	// connection is not done: Abort waits after marking it done.
+	wg sync.WaitGroup
+	// reap is closed by Abort: the run goroutine's linger after the end
+	// (see linger) stops at once.
+	reap chan struct{}
 
 	// wmu serializes Write and ReadFrom: ReadFrom fills the send buffer's
 	// tail without mu, so no other writer may append meanwhile.
@@ -105,6 +116,9 @@ type Conn struct {
 
 	readDeadline, writeDeadline time.Time
 
+	watchdog bool // Close started the close watchdog
+	reaped   bool // reap is closed
+
 	stats connCounters
 }
 
@@ -141,10 +155,14 @@ var (
 )
 
 func newConn(e *Endpoint, active bool) *Conn {
+	ctx, cancel := context.WithCancel(context.Background())
 	c := &Conn{
 		e:           e,
 		active:      active,
-		done:        make(chan struct{}),
+		ctx:         ctx,
+		cancel:      cancel,
+		done:        ctx.Done(),
+		reap:        make(chan struct{}),
 		kick:        make(chan struct{}, 1),
 		pmCh:        make(chan struct{}, 1),
 		notify:      make(chan struct{}),
@@ -248,30 +266,41 @@ func (c *Conn) start() {
 		// echo of these (finHoldLocked).
 		c.announceAddrs()
 	}
-	c.wg.Add(1)
-	go func() { defer c.wg.Done(); c.run() }()
+	c.mu.Lock()
+	c.goLocked(c.run)
 	if c.active {
-		c.wg.Add(1)
-		go func() { defer c.wg.Done(); c.pathManager() }()
+		c.goLocked(c.pathManager)
 	}
+	c.mu.Unlock()
 	for _, sf := range sfs {
 		c.startReader(sf)
 	}
 }
 
-func (c *Conn) startReader(sf *subflow) {
-	c.mu.Lock()
-	if sf.readerStarted || sf.ep == nil || sf.wq == nil {
-		c.mu.Unlock()
+// goLocked runs f in a goroutine of the connection, counted in wg, unless
+// Abort has begun: it waits for wg once it set reaped, and an Add after
+// that Wait began would be lost (or panic). Call with mu held.
+func (c *Conn) goLocked(f func()) {
+	if c.reaped {
 		return
 	}
-	sf.readerStarted = true
-	c.mu.Unlock()
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		sf.reader()
+		f()
 	}()
+}
+
+// startReader starts the reader goroutine of sf once its gVisor endpoint
+// exists.
+func (c *Conn) startReader(sf *subflow) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if sf.readerStarted || sf.ep == nil || sf.wq == nil {
+		return
+	}
+	sf.readerStarted = true
+	c.goLocked(sf.reader)
 }
 
 // otherEstablishedLocked counts the established subflows besides sf.
@@ -342,7 +371,7 @@ func (c *Conn) finishLocked(err error) {
 		}
 		c.err = err
 	}
-	c.doneOnce.Do(func() { close(c.done) })
+	c.cancel()
 	c.wakeLocked()
 }
 
@@ -445,26 +474,50 @@ func (c *Conn) Close() error {
 	c.mu.Lock()
 	c.readClosed = true
 	c.wakeLocked()
+	if !c.watchdog && !c.isDone() {
+		c.watchdog = true
+		c.goLocked(c.closeWatchdog)
+	}
 	c.mu.Unlock()
-	go func() {
-		t := time.NewTimer(30 * time.Second)
-		defer t.Stop()
-		select {
-		case <-c.done:
-		case <-t.C:
-			c.Abort()
-		}
-	}()
 	return nil
 }
 
-// Abort resets the connection at once with MP_FASTCLOSE on every subflow.
+// closeTimeout bounds the DATA_FIN exchange after Close.
+const closeTimeout = 30 * time.Second
+
+// closeWatchdog aborts the connection if it has not finished closeTimeout
+// after Close (a peer that never acknowledges our DATA_FIN).
+func (c *Conn) closeWatchdog() {
+	t := time.NewTimer(closeTimeout)
+	defer t.Stop()
+	select {
+	case <-c.done:
+	case <-t.C:
+		c.abort()
+	}
+}
+
+// Abort resets the connection at once with MP_FASTCLOSE on every subflow
+// (a finished connection stops lingering) and returns once its goroutines
+// have ended.
 func (c *Conn) Abort() {
 	if c.fb != nil {
 		c.fb.Abort()
 		return
 	}
+	c.abort()
+	c.wg.Wait()
+	c.e.forget(c)
+}
+
+// abort is Abort without the wait, for the connection's own goroutines
+// (the close watchdog), which Abort would wait for.
+func (c *Conn) abort() {
 	c.mu.Lock()
+	if !c.reaped {
+		c.reaped = true
+		close(c.reap)
+	}
 	if c.isDone() {
 		c.mu.Unlock()
 		return
@@ -496,8 +549,6 @@ func (c *Conn) Abort() {
 	for _, ep := range eps {
 		ep.Abort()
 	}
-	c.wg.Wait()
-	c.e.forget(c)
 }
 
 // LocalAddr implements net.Conn (the initial subflow's address).

@@ -110,18 +110,10 @@ func (c *Conn) pathManager() {
 			a.backoff = min(2*a.backoff, 8*time.Second)
 			live++
 			w := w
-			c.wg.Add(1)
-			go func() {
-				defer c.wg.Done()
-				ctx, cancel := context.WithTimeout(context.Background(), joinTimeout)
+			c.mu.Lock()
+			c.goLocked(func() {
+				ctx, cancel := context.WithTimeout(c.ctx, joinTimeout)
 				defer cancel()
-				go func() {
-					select {
-					case <-c.done:
-						cancel()
-					case <-ctx.Done():
-					}
-				}()
 				sf, err := c.openSubflow(ctx, w.l, w.p.remote, false, w.remoteID)
 				if err == nil {
 					c.e.log.Debug("mptcp: subflow joined", "local", w.l.Addr, "remote", w.p.remote)
@@ -136,7 +128,8 @@ func (c *Conn) pathManager() {
 				case results <- result{w.p, err}:
 				case <-c.done:
 				}
-			}()
+			})
+			c.mu.Unlock()
 		}
 		select {
 		case <-c.done:

@@ -50,6 +50,7 @@ func (o *worldOpts) wrapSide(server bool, mb func(i int, ep stack.LinkEndpoint) 
 // newWorldOpts builds a world like newWorld, with the extras of o.
 func newWorldOpts(t *testing.T, o worldOpts) *world {
 	t.Helper()
+	checkGoroutines(t)
 	cs, err := netstack.New(netstack.Options{})
 	require.NoError(t, err)
 	ss, err := netstack.New(netstack.Options{})

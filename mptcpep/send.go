@@ -116,6 +116,7 @@ func (c *Conn) run() {
 		case <-c.done:
 			c.runActions()
 			c.closeSubflows()
+			c.linger()
 			return
 		}
 		if !timer.Stop() {
@@ -153,17 +154,27 @@ func (c *Conn) closeSubflows() {
 	for _, ep := range eps {
 		ep.Close()
 	}
-	go func() {
-		// Keep the flows registered while gVisor finishes the subflow FIN
-		// exchange, so its segments still carry DATA_ACKs.
-		time.Sleep(2 * time.Second)
-		c.mu.Lock()
-		for _, sf := range c.subflows {
-			c.e.st.Mux.Unregister(sf.tuple)
-		}
-		c.mu.Unlock()
-		c.e.forget(c)
-	}()
+}
+
+// lingerTime is how long a finished connection keeps its flows.
+const lingerTime = 2 * time.Second
+
+// linger keeps the flows registered while gVisor finishes the subflow FIN
+// exchange, so its segments still carry DATA_ACKs, then lets the endpoint
+// forget the connection. Abort cuts it short.
+func (c *Conn) linger() {
+	t := time.NewTimer(lingerTime)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-c.reap:
+	}
+	c.mu.Lock()
+	for _, sf := range c.subflows {
+		c.e.st.Mux.Unregister(sf.tuple)
+	}
+	c.mu.Unlock()
+	c.e.forget(c)
 }
 
 func (c *Conn) hasPendingData() bool {

@@ -570,7 +570,7 @@ func TestAddAddr(t *testing.T) {
 
 	// The client's only address is its initial subflow's: its join to the
 	// announced address must name it ID 0, the ID the server already has
-	// for it (it used to send its uplink ID 1, giving one address two IDs).
+	// for it (its uplink ID 1 there would give one address two IDs).
 	t.Run("join-from-initial-address-is-id-0", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()

@@ -37,8 +37,9 @@ type Conn struct {
 	pmCh   chan struct{}   // wakes the path manager
 	// wg counts every goroutine of the connection (run goroutine, path
 	// manager and its joins, subflow readers, close watchdog), so that
-	// Abort returns once they all ended. Add only under mu while the
-	// connection is not done: Abort waits after marking it done.
+	// Abort returns once they all ended. They start through goLocked
+	// only: under mu, and not once Abort has begun (reaped), since Abort
+	// waits for wg after setting it.
 	wg sync.WaitGroup
 	// reap is closed by Abort: the run goroutine's linger after the end
 	// (see linger) stops at once.

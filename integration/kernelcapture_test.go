@@ -18,8 +18,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 
 	"github.com/mptun/mptun/internal/kernelvectors"
-	"github.com/mptun/mptun/mptcpep"
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 const (
@@ -331,7 +331,7 @@ func kcVerify(t *testing.T, r kcResult, withChecksum, joins, clientFirst bool) {
 	require.True(t, r.mpcSYN.HMACSHA256)
 	require.Equal(t, withChecksum, r.mpcSYN.ChecksumRequired)
 	require.True(t, r.haveSYNACKKey && r.haveKeys, "keys from MP_CAPABLE SYN/ACK and ACK")
-	serverKey, clientKey := mptcpep.Key(r.serverKey), mptcpep.Key(r.clientKey)
+	serverKey, clientKey := mpkey.Key(r.serverKey), mpkey.Key(r.clientKey)
 
 	// MP_JOIN: token and both HMACs, for every completed join.
 	if !joins {
@@ -346,25 +346,25 @@ func kcVerify(t *testing.T, r kcResult, withChecksum, joins, clientFirst bool) {
 	}
 }
 
-func kcVerifyJoins(t *testing.T, r kcResult, serverKey, clientKey mptcpep.Key) {
+func kcVerifyJoins(t *testing.T, r kcResult, serverKey, clientKey mpkey.Key) {
 	require.GreaterOrEqual(t, len(r.joinACKs), 2)
 	for _, j := range r.joinACKs {
 		require.Equal(t, serverKey.Token(), j.syn.Token, "join SYN token = Token(server key)")
-		require.Equal(t, mptcpep.JoinSYNACKHMAC(serverKey, clientKey, j.synack.Nonce, j.syn.Nonce), j.synack.HMAC,
+		require.Equal(t, mpkey.JoinSYNACKHMAC(serverKey, clientKey, j.synack.Nonce, j.syn.Nonce), j.synack.HMAC,
 			"join SYN/ACK truncated HMAC")
-		require.Equal(t, mptcpep.JoinACKHMAC(clientKey, serverKey, j.syn.Nonce, j.synack.Nonce), j.ack.HMAC,
+		require.Equal(t, mpkey.JoinACKHMAC(clientKey, serverKey, j.syn.Nonce, j.synack.Nonce), j.ack.HMAC,
 			"join third ACK HMAC")
 	}
 
 	// ADD_ADDR from the server, signed with server key || client key.
 	require.NotNil(t, r.addAddr)
 	require.Equal(t, kcServerIPs[1], r.addAddr.Addr)
-	require.Equal(t, mptcpep.AddAddrHMAC(serverKey, clientKey, r.addAddr.AddrID, r.addAddr.Addr, r.addAddr.Port), r.addAddr.HMAC)
+	require.Equal(t, mpkey.AddAddrHMAC(serverKey, clientKey, r.addAddr.AddrID, r.addAddr.Addr, r.addAddr.Port), r.addAddr.HMAC)
 	require.NotNil(t, r.addAddrEcho, "client echoes ADD_ADDR")
 	require.Equal(t, r.addAddr.Addr, r.addAddrEcho.Addr)
 }
 
-func kcVerifyData(t *testing.T, r kcResult, withChecksum, clientFirst bool, serverKey, clientKey mptcpep.Key) {
+func kcVerifyData(t *testing.T, r kcResult, withChecksum, clientFirst bool, serverKey, clientKey mpkey.Key) {
 
 	// IDSN: the first data byte of each direction is IDSN+1.
 	clientFirstDSN := clientKey.IDSN() + 1
@@ -429,7 +429,7 @@ func kcMinDSN(ms []kcMapping) uint64 {
 }
 
 // kcWriteVectors records one capture's values in the vector file read by
-// mptcpep's unit tests (merged: the MP_CAPABLE data case is a different
+// mptcpep/mpkey's unit tests (merged: the MP_CAPABLE data case is a different
 // connection, so it carries its own client key).
 func kcWriteVectors(t *testing.T, path string, r kcResult, withChecksum, joins, clientFirst bool) {
 	if !withChecksum {

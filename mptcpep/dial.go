@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -209,19 +208,6 @@ func (c *Conn) dropSubflow(sf *subflow) {
 	c.e.st.Mux.Unregister(sf.tuple)
 	sf.ep.Abort()
 }
-
-// fallbackConn is a connection that fell back to plain TCP.
-type fallbackConn struct {
-	*gonet.TCPConn
-	ep tcpip.Endpoint
-}
-
-func newFallbackConn(wq *waiter.Queue, ep tcpip.Endpoint) *fallbackConn {
-	return &fallbackConn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep}
-}
-
-// Abort resets the connection.
-func (f *fallbackConn) Abort() { f.ep.Abort() }
 
 // joinTimeout bounds one join attempt.
 const joinTimeout = 10 * time.Second

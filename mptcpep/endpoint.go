@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mptun/mptun/mptcpep/mpkey"
 	"github.com/mptun/mptun/netstack"
 )
 
@@ -173,9 +174,9 @@ func (e *Endpoint) Conns() []*Conn {
 
 // newKey draws a key whose token is unique on this endpoint and reserves
 // the token for c.
-func (e *Endpoint) newKey(c *Conn) (Key, error) {
+func (e *Endpoint) newKey(c *Conn) (mpkey.Key, error) {
 	for i := 0; i < 16; i++ {
-		k, err := NewKey(e.cfg.Rand)
+		k, err := mpkey.NewKey(e.cfg.Rand)
 		if err != nil {
 			return 0, fmt.Errorf("mptcp: new key: %w", err)
 		}

@@ -47,6 +47,7 @@ func testLogger(t *testing.T) *slog.Logger {
 
 func newWorld(t *testing.T, paths []pathSpec, ccfg, scfg Config) *world {
 	t.Helper()
+	checkGoroutines(t)
 	cs, err := netstack.New(netstack.Options{})
 	require.NoError(t, err)
 	ss, err := netstack.New(netstack.Options{})

@@ -34,6 +34,107 @@ var (
 	ErrNonContiguous = errors.New("mptcpep: subflow mapping not contiguous")
 )
 
+// mappingIndex is what the receive and send mapping tables of a subflow
+// share: mappings ordered by SSN and disjoint, the front of which is
+// dropped once the subflow has consumed (rx) or had acknowledged (tx)
+// their bytes. Lookups are in subflow order nearly always, so the last
+// hit and the one after it are tried before a binary search.
+//
+// SSNs are compared wrap-safely; the tables keep every SSN they hold
+// within 2^31 of their front. Not safe for concurrent use: the caller
+// holds the connection lock.
+type mappingIndex[M ssnMapping] struct {
+	maps []M // sorted by SSN, disjoint; maps[head:] are live
+	head int
+	last int // index of the last Find hit
+}
+
+// ssnMapping is a mapping of subflow bytes [SSN, SSN+Len) to DSNs
+// [DSN, DSN+Len): rxMapping or txMapping.
+type ssnMapping interface {
+	rxMapping | txMapping
+	place() (ssn uint32, dsn uint64, n int)
+	end() uint32
+}
+
+// Len returns the number of mappings held.
+func (x *mappingIndex[M]) Len() int { return len(x.maps) - x.head }
+
+// live returns the mappings held, in SSN order.
+func (x *mappingIndex[M]) live() []M { return x.maps[x.head:] }
+
+// Find returns the mapping covering subflow byte ssn.
+func (x *mappingIndex[M]) Find(ssn uint32) (M, bool) {
+	if k, ok := x.index(ssn); ok {
+		return x.maps[k], true
+	}
+	var zero M
+	return zero, false
+}
+
+// index returns the index in maps of the mapping covering ssn.
+func (x *mappingIndex[M]) index(ssn uint32) (int, bool) {
+	for _, k := range [2]int{x.last, x.last + 1} {
+		if k >= x.head && k < len(x.maps) && coversMapping(x.maps[k], ssn) {
+			x.last = k
+			return k, true
+		}
+	}
+	live := x.live()
+	k := sort.Search(len(live), func(k int) bool { return ssnLT(ssn, live[k].end()) })
+	if k < len(live) && coversMapping(live[k], ssn) {
+		x.last = x.head + k
+		return x.last, true
+	}
+	return 0, false
+}
+
+// Lookup returns the DSN of subflow byte ssn and how many bytes from ssn
+// on share its mapping.
+func (x *mappingIndex[M]) Lookup(ssn uint32) (dsn uint64, n int, ok bool) {
+	k, ok := x.index(ssn)
+	if !ok {
+		return 0, 0, false
+	}
+	mssn, mdsn, mlen := x.maps[k].place()
+	off := ssn - mssn
+	return mdsn + uint64(off), mlen - int(off), true
+}
+
+// dropBelow drops the mappings whose bytes all lie below upTo.
+func (x *mappingIndex[M]) dropBelow(upTo uint32) {
+	var zero M
+	for x.head < len(x.maps) && ssnLEQ(x.maps[x.head].end(), upTo) {
+		x.maps[x.head] = zero
+		x.head++
+	}
+	if x.head == len(x.maps) {
+		x.maps = x.maps[:0]
+		x.head = 0
+	}
+	x.last = max(x.last, x.head)
+}
+
+// compact moves the live mappings to the front of the array when it is
+// full, instead of growing it, and returns by how much indexes moved.
+func (x *mappingIndex[M]) compact() int {
+	if x.head == 0 || len(x.maps) < cap(x.maps) {
+		return 0
+	}
+	shift := x.head
+	n := copy(x.maps, x.maps[x.head:])
+	x.maps = x.maps[:n]
+	x.last = max(x.last-shift, 0)
+	x.head = 0
+	return shift
+}
+
+// coversMapping reports whether m maps subflow byte ssn.
+func coversMapping[M ssnMapping](m M, ssn uint32) bool {
+	mssn, _, n := m.place()
+	return covers(mssn, n, ssn)
+}
+
 // rxMapping is a DSS mapping announced by the peer: subflow bytes
 // [SSN, SSN+Len) carry DSNs [DSN, DSN+Len).
 //
@@ -53,6 +154,8 @@ type rxMapping struct {
 
 func (m rxMapping) end() uint32 { return m.SSN + uint32(m.Len) }
 
+func (m rxMapping) place() (uint32, uint64, int) { return m.SSN, m.DSN, m.Len }
+
 // sameMap reports whether m and o place their common bytes at the same
 // DSNs.
 func (m rxMapping) sameMap(o rxMapping) bool {
@@ -62,18 +165,13 @@ func (m rxMapping) sameMap(o rxMapping) bool {
 	return m.DSN+uint64(o.SSN-m.SSN) == o.DSN
 }
 
-// rxMappings is one subflow's table of received DSS mappings, ordered by
-// SSN, from which the connection learns the DSN of every subflow byte it
-// reads. Bytes are consumed in subflow order; mappings entirely below the
-// consumed offset are dropped.
-//
-// SSNs are compared wrap-safely within 2^31 of the consumed offset.
-// Not safe for concurrent use: the caller holds the connection lock.
+// rxMappings is one subflow's table of received DSS mappings, from which
+// the connection learns the DSN of every subflow byte it reads (Find,
+// Lookup). Bytes are consumed in subflow order; mappings entirely below
+// the consumed offset are dropped.
 type rxMappings struct {
-	consumed uint32      // every byte below this SSN was read
-	maps     []rxMapping // sorted by SSN, non-overlapping; maps[head:] live
-	head     int
-	last     int // index of the last Lookup hit, to make in-order reads O(1)
+	mappingIndex[rxMapping]
+	consumed uint32 // every byte below this SSN was read
 }
 
 // newRxMappings returns a table whose next byte to consume is at SSN
@@ -81,9 +179,6 @@ type rxMappings struct {
 func newRxMappings(first uint32) *rxMappings {
 	return &rxMappings{consumed: first}
 }
-
-// Len returns the number of mappings held.
-func (t *rxMappings) Len() int { return len(t.maps) - t.head }
 
 // Add records a mapping. A mapping equal to one held is a no-op (the
 // kernel repeats its mapping on every segment of a GSO super-segment, and
@@ -104,7 +199,7 @@ func (t *rxMappings) Add(m rxMapping) error {
 		// wrap-safe order is consistent.
 		return fmt.Errorf("SSN %d too far ahead of %d: %w", m.SSN, t.consumed, ErrBadMapping)
 	}
-	live := t.maps[t.head:]
+	live := t.live()
 	// Fast path: the newest mapping repeated, or the next one in order.
 	if n := len(live); n > 0 {
 		lastM := live[n-1]
@@ -165,47 +260,11 @@ func (t *rxMappings) insertAt(i int, m rxMapping) error {
 	if t.Len() >= maxRxMappings {
 		return fmt.Errorf("SSN %d: %w", m.SSN, ErrTooManyMappings)
 	}
-	if t.head > 0 && len(t.maps) == cap(t.maps) {
-		// Reclaim the consumed prefix instead of growing.
-		n := copy(t.maps, t.maps[t.head:])
-		i -= t.head
-		t.last = max(t.last-t.head, 0)
-		t.maps = t.maps[:n]
-		t.head = 0
-	}
+	i -= t.compact()
 	t.maps = append(t.maps, rxMapping{})
 	copy(t.maps[i+1:], t.maps[i:])
 	t.maps[i] = m
 	return nil
-}
-
-// Find returns the mapping covering subflow byte ssn.
-func (t *rxMappings) Find(ssn uint32) (rxMapping, bool) {
-	// In-order reads hit the same mapping or the next one.
-	for _, k := range [2]int{t.last, t.last + 1} {
-		if k >= t.head && k < len(t.maps) && covers(t.maps[k].SSN, t.maps[k].Len, ssn) {
-			t.last = k
-			return t.maps[k], true
-		}
-	}
-	live := t.maps[t.head:]
-	k := sort.Search(len(live), func(k int) bool { return ssnLT(ssn, live[k].end()) })
-	if k < len(live) && covers(live[k].SSN, live[k].Len, ssn) {
-		t.last = t.head + k
-		return live[k], true
-	}
-	return rxMapping{}, false
-}
-
-// Lookup returns the DSN of subflow byte ssn and how many bytes from ssn
-// on the same mapping still covers.
-func (t *rxMappings) Lookup(ssn uint32) (dsn uint64, n int, ok bool) {
-	m, ok := t.Find(ssn)
-	if !ok {
-		return 0, 0, false
-	}
-	off := ssn - m.SSN
-	return m.DSN + uint64(off), m.Len - int(off), true
 }
 
 // Consume records that the subflow bytes below upTo were read and drops
@@ -215,15 +274,7 @@ func (t *rxMappings) Consume(upTo uint32) {
 		return
 	}
 	t.consumed = upTo
-	for t.head < len(t.maps) && ssnLEQ(t.maps[t.head].end(), upTo) {
-		t.maps[t.head] = rxMapping{}
-		t.head++
-	}
-	if t.head == len(t.maps) {
-		t.maps = t.maps[:0]
-		t.head = 0
-	}
-	t.last = max(t.last, t.head)
+	t.dropBelow(upTo)
 }
 
 // covers reports whether [start, start+n) contains ssn, wrap-safely.
@@ -253,6 +304,8 @@ type txMapping struct {
 
 func (m txMapping) end() uint32 { return m.SSN + uint32(m.Len) }
 
+func (m txMapping) place() (uint32, uint64, int) { return m.SSN, m.DSN, m.Len }
+
 // txMappings is one subflow's table of what the scheduler wrote into it:
 // the option layer announces these mappings in DSS options, the same
 // mapping on every segment (and retransmission) of its bytes.
@@ -266,20 +319,15 @@ func (m txMapping) end() uint32 { return m.SSN + uint32(m.Len) }
 // when the subflow ACK covers them), not by peer input. Not safe for
 // concurrent use.
 type txMappings struct {
+	mappingIndex[txMapping]
 	next  uint32 // SSN following the last byte added
 	acked uint32 // subflow-level ACK: bytes below are acknowledged
-	maps  []txMapping
-	head  int
-	last  int
 }
 
 // newTxMappings returns a table whose first data byte is at SSN first.
 func newTxMappings(first uint32) *txMappings {
 	return &txMappings{next: first, acked: first}
 }
-
-// Len returns the number of mappings held.
-func (t *txMappings) Len() int { return len(t.maps) - t.head }
 
 // Next returns the SSN the next Add must start at.
 func (t *txMappings) Next() uint32 { return t.next }
@@ -307,12 +355,7 @@ func (t *txMappings) AddSum(ssn uint32, dsn uint64, n int, sum uint16) error {
 	// that of exactly its bytes.
 	for n > 0 {
 		c := min(n, maxMappingLen)
-		if t.head > 0 && len(t.maps) == cap(t.maps) {
-			k := copy(t.maps, t.maps[t.head:])
-			t.maps = t.maps[:k]
-			t.last = max(t.last-t.head, 0)
-			t.head = 0
-		}
+		t.compact()
 		m := txMapping{SSN: ssn, DSN: dsn, Len: c}
 		if c == n {
 			m.Sum = sum
@@ -327,48 +370,9 @@ func (t *txMappings) AddSum(ssn uint32, dsn uint64, n int, sum uint16) error {
 
 // Seal marks the mapping covering ssn as announced.
 func (t *txMappings) Seal(ssn uint32) {
-	if t.last >= t.head && t.last < len(t.maps) && covers(t.maps[t.last].SSN, t.maps[t.last].Len, ssn) {
-		t.maps[t.last].sealed = true
-		return
+	if k, ok := t.index(ssn); ok {
+		t.maps[k].sealed = true
 	}
-	for i := t.head; i < len(t.maps); i++ {
-		if covers(t.maps[i].SSN, t.maps[i].Len, ssn) {
-			t.maps[i].sealed = true
-			return
-		}
-	}
-}
-
-// Find returns the mapping covering subflow byte ssn, for the DSS option
-// of a segment starting there.
-func (t *txMappings) Find(ssn uint32) (txMapping, bool) {
-	// gVisor sends segments in order, so the next lookup hits the last
-	// mapping or the one after it.
-	for _, k := range [2]int{t.last, t.last + 1} {
-		if k >= t.head && k < len(t.maps) && covers(t.maps[k].SSN, t.maps[k].Len, ssn) {
-			t.last = k
-			return t.maps[k], true
-		}
-	}
-	live := t.maps[t.head:]
-	k := sort.Search(len(live), func(k int) bool { return ssnLT(ssn, live[k].end()) })
-	if k < len(live) && covers(live[k].SSN, live[k].Len, ssn) {
-		t.last = t.head + k
-		return live[k], true
-	}
-	return txMapping{}, false
-}
-
-// Lookup returns the DSN of subflow byte ssn and how many bytes from ssn
-// on share its mapping, so the option layer can split a segment that
-// spans two mappings.
-func (t *txMappings) Lookup(ssn uint32) (dsn uint64, contiguousLen int, ok bool) {
-	m, ok := t.Find(ssn)
-	if !ok {
-		return 0, 0, false
-	}
-	off := ssn - m.SSN
-	return m.DSN + uint64(off), m.Len - int(off), true
 }
 
 // Ack records the subflow-level ACK (the relative SSN the peer expects
@@ -385,22 +389,14 @@ func (t *txMappings) Ack(ssn uint32) {
 		return
 	}
 	t.acked = ssn
-	for t.head < len(t.maps) && ssnLEQ(t.maps[t.head].end(), ssn) {
-		t.maps[t.head] = txMapping{}
-		t.head++
-	}
-	if t.head == len(t.maps) {
-		t.maps = t.maps[:0]
-		t.head = 0
-	}
-	t.last = max(t.last, t.head)
+	t.dropBelow(ssn)
 }
 
 // Unacked returns the DSN ranges written to this subflow and not yet
 // acknowledged at the subflow level, in subflow order: what to reinject
 // elsewhere when this subflow fails. Adjacent ranges are not merged.
 func (t *txMappings) Unacked() []span {
-	live := t.maps[t.head:]
+	live := t.live()
 	if len(live) == 0 {
 		return nil
 	}

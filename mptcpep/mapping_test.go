@@ -2,6 +2,7 @@ package mptcpep
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -542,5 +543,121 @@ func FuzzRxMappings(f *testing.F) {
 				require.LessOrEqual(t, m.Len, 1<<31)
 			}
 		}
+	})
+}
+
+// testMappingIndex checks the index both mapping tables share, for one
+// element type (mk builds a mapping of n subflow bytes from ssn to dsn).
+func testMappingIndex[M ssnMapping](t *testing.T, mk func(ssn uint32, dsn uint64, n int) M) {
+	for _, base := range []uint32{10, math.MaxUint32 - 12} {
+		// Three mappings with a gap: [b, b+5) [b+10, b+20) [b+20, b+21).
+		build := func() *mappingIndex[M] {
+			return &mappingIndex[M]{maps: []M{mk(base, 100, 5), mk(base+10, 200, 10), mk(base+20, 300, 1)}}
+		}
+		lookups := []struct {
+			name string
+			ssn  uint32
+			dsn  uint64
+			n    int
+			ok   bool
+		}{
+			{"before the first", base - 1, 0, 0, false},
+			{"first byte", base, 100, 5, true},
+			{"last byte of a mapping", base + 4, 104, 1, true},
+			{"in the gap", base + 5, 0, 0, false},
+			{"end of the gap", base + 9, 0, 0, false},
+			{"second mapping", base + 10, 200, 10, true},
+			{"middle", base + 15, 205, 5, true},
+			{"adjacent third", base + 20, 300, 1, true},
+			{"beyond the last", base + 21, 0, 0, false},
+		}
+		t.Run(fmt.Sprintf("lookup from %d", base), func(t *testing.T) {
+			x := build()
+			// In order (the fast path), then backwards (the search).
+			for pass := 0; pass < 2; pass++ {
+				for i := range lookups {
+					tc := lookups[i]
+					if pass == 1 {
+						tc = lookups[len(lookups)-1-i]
+					}
+					dsn, n, ok := x.Lookup(tc.ssn)
+					require.Equal(t, tc.ok, ok, "%s (pass %d)", tc.name, pass)
+					require.Equal(t, tc.dsn, dsn, "%s (pass %d)", tc.name, pass)
+					require.Equal(t, tc.n, n, "%s (pass %d)", tc.name, pass)
+					m, ok := x.Find(tc.ssn)
+					require.Equal(t, tc.ok, ok, tc.name)
+					if ok {
+						_, mdsn, _ := m.place()
+						require.Equal(t, tc.dsn-uint64(tc.ssn-firstSSN(m)), mdsn, tc.name)
+					}
+				}
+			}
+		})
+		drops := []struct {
+			name  string
+			upTo  uint32
+			left  int
+			first uint32 // SSN of the first mapping left
+		}{
+			{"nothing below", base, 3, base},
+			{"part of a mapping keeps it", base + 3, 3, base},
+			{"one whole mapping", base + 5, 2, base + 10},
+			{"into the gap", base + 7, 2, base + 10},
+			{"two", base + 20, 1, base + 20},
+			{"all", base + 21, 0, 0},
+			{"beyond all", base + 1000, 0, 0},
+		}
+		for _, tc := range drops {
+			t.Run(fmt.Sprintf("dropBelow from %d: %s", base, tc.name), func(t *testing.T) {
+				x := build()
+				_, _, _ = x.Lookup(base + 20) // last points at the third
+				x.dropBelow(tc.upTo)
+				require.Equal(t, tc.left, x.Len())
+				if tc.left == 0 {
+					require.Zero(t, x.head, "an empty index starts over")
+					require.Empty(t, x.maps)
+					return
+				}
+				require.Equal(t, tc.first, firstSSN(x.live()[0]))
+				_, _, ok := x.Lookup(base + 20)
+				require.True(t, ok, "what is left is still found")
+			})
+		}
+	}
+	t.Run("compact", func(t *testing.T) {
+		x := &mappingIndex[M]{maps: make([]M, 0, 4)}
+		for i := range 4 {
+			x.maps = append(x.maps, mk(uint32(10*i), uint64(100*i), 10))
+		}
+		require.Zero(t, x.compact(), "nothing consumed: nothing to move")
+		_, _, _ = x.Lookup(35) // last = 3
+		x.dropBelow(20)
+		require.Equal(t, 2, x.compact())
+		require.Equal(t, 0, x.head)
+		require.Equal(t, 1, x.last, "last follows its mapping")
+		require.Equal(t, 2, x.Len())
+		dsn, n, ok := x.Lookup(25)
+		require.True(t, ok)
+		require.Equal(t, uint64(205), dsn)
+		require.Equal(t, 5, n)
+		require.Zero(t, x.compact(), "room left after compacting")
+	})
+}
+
+func firstSSN[M ssnMapping](m M) uint32 {
+	ssn, _, _ := m.place()
+	return ssn
+}
+
+func TestMappingIndex(t *testing.T) {
+	t.Run("rx", func(t *testing.T) {
+		testMappingIndex(t, func(ssn uint32, dsn uint64, n int) rxMapping {
+			return rxMapping{SSN: ssn, DSN: dsn, Len: n}
+		})
+	})
+	t.Run("tx", func(t *testing.T) {
+		testMappingIndex(t, func(ssn uint32, dsn uint64, n int) txMapping {
+			return txMapping{SSN: ssn, DSN: dsn, Len: n}
+		})
 	})
 }

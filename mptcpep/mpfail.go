@@ -4,11 +4,22 @@ import (
 	"errors"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/waiter"
+
 	"github.com/mptun/mptun/mptcpep/header"
 	"github.com/mptun/mptun/netstack"
 )
 
-// MP_FAIL and the infinite mapping (RFC 8684 3.7).
+// Fallback to TCP (RFC 8684 3.7): MP_FAIL, the infinite mapping, and the
+// connection that runs on as plain TCP afterwards.
+//
+// At the handshake a peer without MPTCP gets a fallbackConn (plain gVisor
+// TCP, the meta-socket is bypassed). After it, the meta-socket stays and
+// the initial subflow's sequence space becomes the data sequence space
+// (c.infinite): a peer that sends or answers data without DSS on the only
+// subflow (fallBackLocked), or the end of an MP_FAIL exchange below.
 //
 // A DSS checksum failure on the only subflow of a connection that can
 // still fall back (no other subflow ever carried data, nothing reinjected)
@@ -224,11 +235,6 @@ func (c *Conn) mpFailInLocked(sf *subflow, dsn uint64) {
 	c.kickLocked()
 }
 
-// infiniteMapOutLocked writes the infinite mapping we owe the peer into
-// the options of a data segment at relative sequence rel, falling back to
-// TCP when it first goes out. It repeats on segments from that point on
-// until the peer acknowledges it; ok is false when the segment gets no
-// MPTCP option from here.
 // beforeInfiniteLocked reports whether seg carries data of sf from before
 // the infinite mapping we sent on it, not yet acknowledged.
 func (sf *subflow) beforeInfiniteLocked(seg *netstack.Segment) bool {
@@ -240,6 +246,11 @@ func (sf *subflow) beforeInfiniteLocked(seg *netstack.Segment) bool {
 	return ssnLT(rel, f.txSSN) && !ssnLT(rel, sf.acked)
 }
 
+// infiniteMapOutLocked writes the infinite mapping we owe the peer into
+// the options of a data segment at relative sequence rel, falling back to
+// TCP when it first goes out. It repeats on segments from that point on
+// until the peer acknowledges it; ok is false when the segment gets no
+// MPTCP option from here.
 func (sf *subflow) infiniteMapOutLocked(seg *netstack.Segment, rel uint32, opt []byte) (n, cover int, ok bool) {
 	c := sf.c
 	f := &c.fail
@@ -341,4 +352,110 @@ func (c *Conn) infiniteRxDSN(ssn uint32) uint64 {
 		c.fail.rxBaseSet, c.fail.rxBaseSSN, c.fail.rxBaseDSN = true, ssn, c.rcv.RcvNxt()
 	}
 	return c.fail.rxBaseDSN + uint64(int64(int32(ssn-c.fail.rxBaseSSN)))
+}
+
+// fallBackLocked turns an established connection into plain TCP over its
+// initial subflow (RFC 8684 3.7). It is only possible while the subflow's
+// byte stream is the connection's: one subflow, nothing reinjected.
+func (c *Conn) fallBackLocked(sf *subflow) bool {
+	for _, s := range c.subflows {
+		if s != sf && s.state != sfClosed {
+			return false
+		}
+	}
+	if sf.reinjTx > 0 {
+		return false
+	}
+	c.e.MIB.MPCapableFallbackData.Add(1)
+	c.e.log.Info("mptcp: peer fell back to TCP", "subflow", sf.tuple.String())
+	c.enterInfiniteLocked(sf)
+	return true
+}
+
+// infiniteAckLocked turns the subflow ACK into the DATA_ACK after a
+// fallback: the subflow's bytes map linearly onto the connection's.
+func (c *Conn) infiniteAckLocked(sf *subflow, seg *netstack.Segment) {
+	if !seg.ACK() || !sf.issKnown || sf.state == sfClosed {
+		return
+	}
+	rel := seg.Ack - sf.iss
+	if ssnLT(sf.acked, rel) {
+		sf.acked = rel
+		sf.tx.Ack(rel)
+		sf.lastAckMove = time.Now()
+	}
+	ack := c.infiniteTxDSN(rel)
+	if end := c.snd.End(); dsnLT(end, ack) {
+		ack = end // the subflow FIN
+	}
+	if n, err := c.snd.Ack(ack); err == nil && n > 0 {
+		c.lastProgress = time.Now()
+		c.wakeLocked()
+	}
+	// The subflow window is the connection's window now.
+	if edge := ack + uint64(seg.Window)<<sf.peerWScale; dsnLT(c.sndEdge, edge) {
+		c.sndEdge = edge
+	}
+	if c.infiniteFinAckedLocked(sf) && !c.finAcked {
+		c.finAcked = true
+		c.wakeLocked()
+	}
+	c.kickLocked()
+}
+
+// infiniteFinAckedLocked reports whether the peer acknowledged our TCP FIN
+// on sf after a fallback: all data and the FIN itself (an ACK of the data
+// alone does not end the connection; were the FIN lost, nobody would send
+// it again once we are gone).
+func (c *Conn) infiniteFinAckedLocked(sf *subflow) bool {
+	return c.writeClosed && c.shutWrSent && c.snd.Una() == c.snd.End() && ssnLT(c.finSSN, sf.acked)
+}
+
+// peerFinInfinite handles the peer's TCP FIN after a fallback: it is the
+// end of the connection's incoming stream.
+func (c *Conn) peerFinInfinite() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.infinite {
+		return false
+	}
+	if _, set := c.rcv.FinDSN(); !set {
+		_ = c.rcv.SetFin(c.rcv.RcvNxt())
+	}
+	c.kickLocked()
+	c.wakeLocked()
+	return true
+}
+
+// fallbackConn is a connection that fell back to plain TCP.
+type fallbackConn struct {
+	*gonet.TCPConn
+	ep tcpip.Endpoint
+}
+
+func newFallbackConn(wq *waiter.Queue, ep tcpip.Endpoint) *fallbackConn {
+	return &fallbackConn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep}
+}
+
+// Abort resets the connection.
+func (f *fallbackConn) Abort() { f.ep.Abort() }
+
+// infiniteFinLocked runs from control after the fallback, when the
+// connection is plain TCP: our subflow FIN is the DATA_FIN (sent once all
+// data is written), and the connection ends when it is acknowledged and
+// the peer's FIN came.
+func (c *Conn) infiniteFinLocked() {
+	if c.writeClosed && !c.shutWrSent && c.sndNxt == c.snd.End() && len(c.subflows) > 0 {
+		c.shutWrSent = true
+		sf := c.subflows[0]
+		c.finSSN = sf.wrote // the FIN follows the last byte
+		ep := sf.ep
+		c.actions = append(c.actions, func() { ep.Shutdown(tcpip.ShutdownWrite) })
+	}
+	if len(c.subflows) > 0 && c.infiniteFinAckedLocked(c.subflows[0]) {
+		c.finAcked = true
+	}
+	if c.finAcked && c.rcv.EOF() {
+		c.finishLocked(nil)
+	}
 }

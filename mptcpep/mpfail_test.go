@@ -320,10 +320,10 @@ func (g *finGate) toClient(b []byte) bool {
 // when it acknowledged the data. The peer's own DATA_FIN came before the
 // fallback (Linux as receiver did that in the interop test: its half
 // close went out as a DSS DATA_FIN, then it found the checksum failure).
-// An earlier version finished as soon as the data was acknowledged and
-// the FIN handed to gVisor: mptun exited, and the peer's ACK of the FIN
-// drew an RST from the host, which reached Linux before its application
-// had read the EOF (EPIPE instead of EOF).
+// Finished as soon as the data is acknowledged and the FIN handed to
+// gVisor, mptun exits, and the peer's ACK of the FIN draws an RST from the
+// host, which can reach Linux before its application has read the EOF
+// (EPIPE instead of EOF).
 func TestMPFailFinAcked(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

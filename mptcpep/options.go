@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 	"github.com/mptun/mptun/netstack"
 )
 
@@ -183,7 +184,7 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 				NoMoreSubflows: c.e.cfg.DenyJoinInitialAddr}
 		default:
 			o = header.MPJoinSYNACK{Backup: sf.backup, AddrID: sf.localID, Nonce: sf.localNonce,
-				HMAC: JoinSYNACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}
+				HMAC: mpkey.JoinSYNACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}
 		}
 		if o.Len() > len(opt) {
 			mib.OptionNoRoom.Add(1)
@@ -201,7 +202,7 @@ func (sf *subflow) Outgoing(seg *netstack.Segment, opt []byte) (int, int) {
 		if seg.PayloadLen == 0 {
 			sf.joinAckSent = true
 			sf.joinAckAt = time.Now()
-			o := header.MPJoinACK{HMAC: JoinACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}
+			o := header.MPJoinACK{HMAC: mpkey.JoinACKHMAC(c.localKey, c.remoteKey, sf.localNonce, sf.remoteNonce)}
 			return o.Encode(opt), 0
 		}
 	}
@@ -301,7 +302,7 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 	}
 	if r.hasFC {
 		mib.MPFastcloseRX.Add(1)
-		if Key(r.fastclose.ReceiverKey) == c.localKey {
+		if mpkey.Key(r.fastclose.ReceiverKey) == c.localKey {
 			c.fastclosedLocked()
 		}
 	}
@@ -357,11 +358,11 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 	case sf.state == sfSynRcvd && sf.initial:
 		// The third ACK of the MP_CAPABLE handshake (or the first data).
 		if r.hasMPC && r.mpc.NumKeys == 2 {
-			if Key(r.mpc.ReceiverKey) != c.localKey {
+			if mpkey.Key(r.mpc.ReceiverKey) != c.localKey {
 				mib.MPCapableBadKey.Add(1)
 				return false
 			}
-			c.setRemoteKeyLocked(Key(r.mpc.SenderKey))
+			c.setRemoteKeyLocked(mpkey.Key(r.mpc.SenderKey))
 			c.csum = c.csum || r.mpc.ChecksumRequired
 			sf.state = sfEstablished
 			mib.MPCapableACKRX.Add(1)
@@ -385,7 +386,7 @@ func (sf *subflow) Incoming(seg *netstack.Segment) bool {
 			return false
 		}
 		mib.MPJoinACKRX.Add(1)
-		want := JoinACKHMAC(c.remoteKey, c.localKey, sf.remoteNonce, sf.localNonce)
+		want := mpkey.JoinACKHMAC(c.remoteKey, c.localKey, sf.remoteNonce, sf.localNonce)
 		if want != r.joinACK.HMAC {
 			mib.MPJoinACKHMACFail.Add(1)
 			c.resetSubflowLocked(sf, header.RstReasonMPTCPError, seg)
@@ -459,7 +460,7 @@ func (sf *subflow) synAckIn(seg *netstack.Segment, r *rxOptions) bool {
 			ra.noJoin = true
 			c.remoteAddrs[0] = ra
 		}
-		c.setRemoteKeyLocked(Key(r.mpc.SenderKey))
+		c.setRemoteKeyLocked(mpkey.Key(r.mpc.SenderKey))
 		c.csum = c.e.cfg.Checksum || r.mpc.ChecksumRequired
 		sf.state = sfEstablished
 		return true
@@ -470,7 +471,7 @@ func (sf *subflow) synAckIn(seg *netstack.Segment, r *rxOptions) bool {
 		return false
 	}
 	mib.MPJoinSYNACKRX.Add(1)
-	want := JoinSYNACKHMAC(c.remoteKey, c.localKey, r.joinSA.Nonce, sf.localNonce)
+	want := mpkey.JoinSYNACKHMAC(c.remoteKey, c.localKey, r.joinSA.Nonce, sf.localNonce)
 	if want != r.joinSA.HMAC {
 		mib.MPJoinSYNACKHMACFail.Add(1)
 		c.resetSubflowLocked(sf, header.RstReasonMPTCPError, seg)

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 // pathManager keeps a full mesh of subflows between the endpoint's local
@@ -109,18 +110,10 @@ func (c *Conn) pathManager() {
 			a.backoff = min(2*a.backoff, 8*time.Second)
 			live++
 			w := w
-			c.wg.Add(1)
-			go func() {
-				defer c.wg.Done()
-				ctx, cancel := context.WithTimeout(context.Background(), joinTimeout)
+			c.mu.Lock()
+			c.goLocked(func() {
+				ctx, cancel := context.WithTimeout(c.ctx, joinTimeout)
 				defer cancel()
-				go func() {
-					select {
-					case <-c.done:
-						cancel()
-					case <-ctx.Done():
-					}
-				}()
 				sf, err := c.openSubflow(ctx, w.l, w.p.remote, false, w.remoteID)
 				if err == nil {
 					c.e.log.Debug("mptcp: subflow joined", "local", w.l.Addr, "remote", w.p.remote)
@@ -135,7 +128,8 @@ func (c *Conn) pathManager() {
 				case results <- result{w.p, err}:
 				case <-c.done:
 				}
-			}()
+			})
+			c.mu.Unlock()
 		}
 		select {
 		case <-c.done:
@@ -189,7 +183,7 @@ func (c *Conn) announceAddrs() {
 		}
 		c.announced[l.ID] = &announcement{opt: header.AddAddr{
 			AddrID: l.ID, Addr: a,
-			HMAC: AddAddrHMAC(c.localKey, c.remoteKey, l.ID, a, 0),
+			HMAC: mpkey.AddAddrHMAC(c.localKey, c.remoteKey, l.ID, a, 0),
 		}}
 	}
 	if len(c.announced) > 0 {
@@ -209,7 +203,7 @@ func (c *Conn) addAddrInLocked(sf *subflow, a *header.AddAddr) {
 		return
 	}
 	mib.AddAddrRX.Add(1)
-	if !c.remoteKeyKnown || a.HMAC != AddAddrHMAC(c.remoteKey, c.localKey, a.AddrID, a.Addr, a.Port) {
+	if !c.remoteKeyKnown || a.HMAC != mpkey.AddAddrHMAC(c.remoteKey, c.localKey, a.AddrID, a.Addr, a.Port) {
 		mib.AddAddrHMACFail.Add(1)
 		return
 	}

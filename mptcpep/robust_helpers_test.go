@@ -49,6 +49,7 @@ func (o *worldOpts) hookSide(server bool, mb func(i int) linkpipe.Hook) {
 // newWorldOpts builds a world like newWorld, with the extras of o.
 func newWorldOpts(t *testing.T, o worldOpts) *world {
 	t.Helper()
+	checkGoroutines(t)
 	cs, err := netstack.New(netstack.Options{})
 	require.NoError(t, err)
 	ss, err := netstack.New(netstack.Options{})

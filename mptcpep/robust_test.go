@@ -21,6 +21,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
 	"github.com/mptun/mptun/mptcpep/header"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 	"github.com/mptun/mptun/netstack/linkpipe"
 )
 
@@ -568,7 +569,7 @@ func TestAddAddr(t *testing.T) {
 
 	// The client's only address is its initial subflow's: its join to the
 	// announced address must name it ID 0, the ID the server already has
-	// for it (it used to send its uplink ID 1, giving one address two IDs).
+	// for it (its uplink ID 1 there would give one address two IDs).
 	t.Run("join-from-initial-address-is-id-0", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
@@ -630,7 +631,7 @@ func TestAddAddr(t *testing.T) {
 		tuple := sc.subflows[0].tuple
 		// The right HMAC for another address: a replay must fail as well.
 		replay := header.AddAddr{AddrID: 9, Addr: netip.AddrFrom4([4]byte{10, 9, 9, 10}),
-			HMAC: AddAddrHMAC(sc.localKey, sc.remoteKey, 9, netip.AddrFrom4([4]byte{10, 9, 9, 9}), 0)}
+			HMAC: mpkey.AddAddrHMAC(sc.localKey, sc.remoteKey, 9, netip.AddrFrom4([4]byte{10, 9, 9, 9}), 0)}
 		sc.mu.Unlock()
 		for _, a := range []header.AddAddr{forged, replay} {
 			b := make([]byte, a.Len())

@@ -3,7 +3,6 @@ package mptcpep
 import (
 	"errors"
 	"fmt"
-	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -106,19 +105,6 @@ type subflow struct {
 	maxSeg atomic.Int32
 }
 
-// sfInfo is what the scheduler knows of a subflow's TCP state, sampled
-// from gVisor outside the connection lock.
-type sfInfo struct {
-	rtt      time.Duration
-	cwnd     uint32
-	mss      int
-	sndFree  int
-	retrans  uint64
-	state    tcpip.EndpointState
-	sampled  time.Time
-	sampleOK bool
-}
-
 func newSubflow(c *Conn, t netstack.Tuple, active, initial bool) *subflow {
 	return &subflow{
 		c:         c,
@@ -144,40 +130,6 @@ func (sf *subflow) isBackup() bool { return sf.backup || sf.remoteBackup }
 
 // inflight is what was written into gVisor and not yet acknowledged.
 func (sf *subflow) inflight() int { return int(sf.wrote - sf.acked) }
-
-// sample reads the subflow's TCP state from gVisor. It must not run under
-// the connection lock: gVisor's endpoint lock may be held by a goroutine
-// that waits for it in the option layer.
-func (sf *subflow) sample() sfInfo {
-	var in sfInfo
-	ep := sf.ep
-	if ep == nil {
-		return in
-	}
-	var ti tcpip.TCPInfoOption
-	if err := ep.GetSockOpt(&ti); err == nil {
-		in.rtt = ti.RTT
-		in.cwnd = ti.SndCwnd
-		in.state = ti.State
-		in.sampleOK = true
-	}
-	queued, err := ep.GetSockOptInt(tcpip.SendQueueSizeOption)
-	if err != nil {
-		queued = 0
-	}
-	in.sndFree = int(ep.SocketOptions().GetSendBufferSize()) - queued
-	// Until data went out; after small writes only it is low, and the
-	// scheduler's floor of 536 grants enough for a full segment to show.
-	in.mss = int(sf.maxSeg.Load())
-	if in.mss == 0 {
-		in.mss = defaultMSS
-	}
-	if st, ok := ep.Stats().(*tcp.Stats); ok {
-		in.retrans = st.SendErrors.Retransmits.Value()
-	}
-	in.sampled = time.Now()
-	return in
-}
 
 // reader moves bytes from the gVisor endpoint into the connection's
 // reassembly, placing them by the peer's DSS mappings. It applies
@@ -300,40 +252,6 @@ func (v *vecWriter) Write(p []byte) (int, error) {
 		return n, errShortBuffer
 	}
 	return n, nil
-}
-
-// SubflowStats describes one subflow.
-type SubflowStats struct {
-	Local, Remote netip.AddrPort
-	LocalID       uint8
-	RemoteID      uint8
-	State         string
-	Backup        bool
-	RemoteBackup  bool
-	Initial       bool
-	RTT           time.Duration
-	Cwnd          uint32
-	BytesSent     uint64
-	BytesReceived uint64
-	Reinjected    uint64
-	Retransmits   uint64
-	Stale         bool
-	Error         string
-}
-
-func (sf *subflow) stats() SubflowStats {
-	s := SubflowStats{
-		Local: sf.tuple.Local, Remote: sf.tuple.Remote,
-		LocalID: sf.localID, RemoteID: sf.remoteID,
-		State: sf.state.String(), Backup: sf.backup, RemoteBackup: sf.remoteBackup,
-		Initial: sf.initial, RTT: sf.info.rtt, Cwnd: sf.info.cwnd,
-		BytesSent: sf.bytesTx, BytesReceived: sf.bytesRx, Reinjected: sf.reinjTx,
-		Retransmits: sf.info.retrans, Stale: sf.stale,
-	}
-	if sf.err != nil {
-		s.Error = sf.err.Error()
-	}
-	return s
 }
 
 // sizeReceiveBuffer gives a subflow endpoint a receive buffer whose TCP

@@ -17,8 +17,8 @@ import (
 // default the window stayed at ~512 KiB (gVisor counts segment memory, about
 // twice the payload), under 45 ms at 93 Mbit/s. Then a burst of tail drops
 // on one uplink stalled the whole connection until that subflow recovered
-// (TestBond's download after the upload: seconds at 30-70 Mbit/s, 100 ms
-// slices at zero, the sender at PeerWindowFull).
+// (a bonded download right after an upload: seconds at 30-70 Mbit/s,
+// 100 ms slices at zero, the sender at PeerWindowFull).
 func TestPeerWindowCoversReceiveBuffer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

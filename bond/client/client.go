@@ -33,7 +33,7 @@ import (
 
 	"github.com/mptun/mptun/bond/convert"
 	"github.com/mptun/mptun/bond/splice"
-	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 // Upstream is one connection to the concentrator. *mptcpep.Conn is one; the
@@ -41,7 +41,7 @@ import (
 type Upstream interface {
 	net.Conn
 	CloseWrite() error
-	Keys() (local, remote mptcpep.Key)
+	Keys() (local, remote mpkey.Key)
 }
 
 // DialFunc opens an upstream connection to the concentrator.

@@ -25,7 +25,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/mptun/mptun/bond/convert"
-	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 	"github.com/mptun/mptun/netstack/linkpipe"
 )
 
@@ -47,10 +47,10 @@ type keyedConn struct {
 	client bool
 }
 
-func (k keyedConn) Keys() (local, remote mptcpep.Key) {
+func (k keyedConn) Keys() (local, remote mpkey.Key) {
 	l := k.LocalAddr().(*net.TCPAddr).Port
 	r := k.RemoteAddr().(*net.TCPAddr).Port
-	return mptcpep.Key(uint64(l) * 0x9E3779B97F4A7C15), mptcpep.Key(uint64(r) * 0x9E3779B97F4A7C15)
+	return mpkey.Key(uint64(l) * 0x9E3779B97F4A7C15), mpkey.Key(uint64(r) * 0x9E3779B97F4A7C15)
 }
 
 // fakeConcentrator accepts Convert requests on loopback.

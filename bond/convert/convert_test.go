@@ -9,7 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 func TestRequestRoundTrip(t *testing.T) {
@@ -75,7 +75,7 @@ func TestAuthTag(t *testing.T) {
 	require.False(t, req.Verify(psk, 1, 2), "a missing tag never verifies")
 	var zero [TagLen]byte
 	require.False(t, (&Request{HasAuth: true, Auth: zero}).Verify(psk, 0, 0))
-	_ = mptcpep.Key(0)
+	_ = mpkey.Key(0)
 }
 
 func TestReadRequestErrors(t *testing.T) {

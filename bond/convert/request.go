@@ -9,7 +9,7 @@ import (
 	"io"
 	"net/netip"
 
-	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 // TagLen is the length of the authenticator.
@@ -23,7 +23,7 @@ const authLabel = "mptun-auth-v1"
 // means a captured request cannot be replayed on another connection. Where
 // the keys are unknown (plain-TCP fallback, kernel MPTCP sockets) both keys
 // are zero and the tag is replayable: see the server's AllowUnbound.
-func AuthTag(psk []byte, clientKey, serverKey mptcpep.Key) [TagLen]byte {
+func AuthTag(psk []byte, clientKey, serverKey mpkey.Key) [TagLen]byte {
 	m := hmac.New(sha256.New, psk)
 	var b [len(authLabel) + 16]byte
 	copy(b[:], authLabel)
@@ -65,7 +65,7 @@ type Request struct {
 
 // Verify reports whether the request carries the tag for these keys
 // (constant time).
-func (r *Request) Verify(psk []byte, clientKey, serverKey mptcpep.Key) bool {
+func (r *Request) Verify(psk []byte, clientKey, serverKey mpkey.Key) bool {
 	if !r.HasAuth {
 		return false
 	}

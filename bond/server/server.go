@@ -21,7 +21,7 @@ import (
 
 	"github.com/mptun/mptun/bond/convert"
 	"github.com/mptun/mptun/bond/splice"
-	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 )
 
 // DialFunc opens a connection to dest; network is "tcp" or "udp" (a
@@ -218,7 +218,7 @@ func (s *Server) release(c net.Conn, ip netip.Addr, counted bool) {
 
 // keyer is implemented by mptcpep.Conn.
 type keyer interface {
-	Keys() (local, remote mptcpep.Key)
+	Keys() (local, remote mpkey.Key)
 }
 
 // Handle serves one client connection and closes it.
@@ -264,7 +264,7 @@ func (s *Server) Handle(ctx context.Context, c net.Conn) {
 	_ = c.SetReadDeadline(time.Time{})
 	// The keys are read after the request: the server learns the client's
 	// key from the third ACK or, if that was lost, from the first data.
-	var ck, sk mptcpep.Key
+	var ck, sk mpkey.Key
 	if k, ok := c.(keyer); ok {
 		sk, ck = k.Keys()
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/mptun/mptun/engine"
 	"github.com/mptun/mptun/hostnet"
 	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/mptcpep/mpkey"
 	"github.com/mptun/mptun/tun"
 )
 
@@ -253,4 +254,4 @@ func (d *clientDaemon) status(name string) client.Status {
 type unboundUpstream struct{ *mptcpep.Conn }
 
 // Keys reports no keys, as a kernel-socket concentrator sees them.
-func (unboundUpstream) Keys() (local, remote mptcpep.Key) { return 0, 0 }
+func (unboundUpstream) Keys() (local, remote mpkey.Key) { return 0, 0 }

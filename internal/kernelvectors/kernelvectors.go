@@ -1,4 +1,4 @@
-// Package kernelvectors is the layout of mptcpep/testdata/kernel-vectors.json:
+// Package kernelvectors is the layout of mptcpep/mpkey/testdata/kernel-vectors.json:
 // values seen on the wire between two Linux kernel MPTCP endpoints. The
 // integration tests write it (TestKernelCaptureKnownValues with
 // MTC_WRITE_KERNEL_VECTORS=<path>); mptcpep's crypto tests check the

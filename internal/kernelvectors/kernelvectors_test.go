@@ -11,7 +11,7 @@ import (
 // TestCommittedFileRoundTrips: the committed file has exactly this layout
 // (no field lost or unknown) and Save writes it byte for byte as it is.
 func TestCommittedFileRoundTrips(t *testing.T) {
-	committed := filepath.Join("..", "..", "mptcpep", "testdata", "kernel-vectors.json")
+	committed := filepath.Join("..", "..", "mptcpep", "mpkey", "testdata", "kernel-vectors.json")
 	v, err := Load(committed)
 	require.NoError(t, err)
 	require.NotZero(t, v.ClientKey)

@@ -1,4 +1,8 @@
-package mptcpep
+// Package mpkey holds the MPTCP connection key and what RFC 8684 derives
+// from it: token, initial data sequence number and the HMACs of MP_JOIN
+// and ADD_ADDR. It depends on the standard library only, so packages that
+// bind to a connection's keys (bond/convert) do not pull in gVisor.
+package mpkey
 
 import (
 	"crypto/hmac"

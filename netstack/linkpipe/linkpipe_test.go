@@ -398,6 +398,7 @@ func TestRawRateAccuracy(t *testing.T) {
 			a, _, rec := newRecordedLink(t, Config{AtoB: Direction{RateBps: tc.rate, QueueBytes: 1 << 30}})
 			start := time.Now()
 			sendSeq(t, a, 0, uint32(n), size)
+			offered := time.Since(start)
 			require.Eventually(t, func() bool { return rec.count() == n }, 5*time.Second, time.Millisecond)
 			got := rec.arrivals()
 			elapsed := got[n-1].at.Sub(start)
@@ -405,9 +406,15 @@ func TestRawRateAccuracy(t *testing.T) {
 			t.Logf("set %d, measured %.0f bit/s", tc.rate, measured)
 			// The shaper must never exceed the rate.
 			require.LessOrEqual(t, measured, float64(tc.rate)*1.02)
-			if !raceEnabled {
-				require.InEpsilon(t, float64(tc.rate), measured, 0.05)
+			// Below the rate only if the sender kept the queue full: on a
+			// loaded machine the test goroutine offers 1 Gbit/s slower
+			// than the link drains it (then the link was idle, not slow).
+			ideal := time.Duration(float64(n*size*8) / float64(tc.rate) * float64(time.Second))
+			if raceEnabled || offered > ideal/2 {
+				t.Logf("sender took %v for %v of packets: lower bound not checked", offered, ideal)
+				return
 			}
+			require.InEpsilon(t, float64(tc.rate), measured, 0.05)
 		})
 	}
 }

@@ -13,9 +13,10 @@ GOTEST_FLAGS ?= -count=1 -timeout 25m
 ISOLATE     ?= 1
 FUZZTIME    ?= 30s
 
-.PHONY: help all build deps vet fmt-check check test test-unit test-race fuzz bench cleanup clean demo
+.PHONY: help all gvisor build deps vet fmt-check check test test-unit test-race fuzz bench cleanup clean demo
 
 help:
+	@echo 'make gvisor       third_party/gvisor: pinned gVisor + patches/gvisor (every build target does this)'
 	@echo 'make build        go build ./... and bin/mptun'
 	@echo 'make test         deps (root), vet, gofmt check, go test $(PKGS) (isolated when root), cleanup'
 	@echo 'make test-unit    fast tests needing no root (go test -short)'
@@ -28,7 +29,13 @@ help:
 
 all: build
 
-build:
+# gVisor with mptun's patches (patches/gvisor/), generated into the
+# git-ignored third_party/gvisor that go.mod's replace points at. Every
+# target that compiles depends on it; a no-op when up to date.
+gvisor:
+	bash scripts/gvisor-patch.sh
+
+build: gvisor
 	$(GO) build ./...
 	@if [ -d cmd/mptun ]; then echo '$(GO) build -o bin/mptun ./cmd/mptun'; $(GO) build -o bin/mptun ./cmd/mptun; fi
 
@@ -37,7 +44,7 @@ deps:
 	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/install-deps.sh; \
 	else echo 'deps: not root, not installing (root tests will skip)'; fi
 
-vet:
+vet: gvisor
 	$(GO) vet $(PKGS)
 
 fmt-check:
@@ -47,7 +54,7 @@ check: vet fmt-check
 
 # vet also fetches every module the tests import: the isolated namespace has
 # no network.
-test: deps vet fmt-check
+test: deps gvisor vet fmt-check
 	@status=0; \
 	if [ "$$(id -u)" -eq 0 ] && [ "$(ISOLATE)" = 1 ]; then \
 		echo 'scripts/isolated.sh $(GO) test $(GOTEST_FLAGS) $(PKGS)'; \
@@ -59,16 +66,16 @@ test: deps vet fmt-check
 	fi; \
 	exit $$status
 
-test-unit:
+test-unit: gvisor
 	bash scripts/test-unit.sh
 
 # The concurrent core under -race: the subflow readers, WriteTo and the
 # option layer share buffers outside the connection lock. Not part of
 # `make test` (it doubles the engine's test time); run it after changes there.
-test-race:
+test-race: gvisor
 	$(GO) test -race -count=1 -timeout 15m ./mptcpep/... ./netstack/... ./engine/ ./cmd/mptun/
 
-fuzz:
+fuzz: gvisor
 	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
 
 # Benchmarks need root, iproute2, ethtool, iperf3 and mptcpize
@@ -88,5 +95,5 @@ clean:
 
 # Bonding demo (root): two tbf-limited uplinks (50 and 30 Mbit/s), mptun
 # client and server in namespaces, iperf3 through the tunnel; DURATION=8.
-demo: deps
+demo: deps gvisor
 	bash scripts/demo.sh

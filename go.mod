@@ -34,3 +34,4 @@ require (
 	golang.org/x/time v0.15.0 // indirect
 	golang.zx2c4.com/wintun v0.0.0-20230126152724-0fa3db229ce2 // indirect
 )
+replace gvisor.dev/gvisor => ./third_party/gvisor

@@ -2,7 +2,7 @@
 # Fails (exit 1) and lists the files when any Go file is not gofmt-formatted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mapfile -t files < <(find . -name '*.go' -not -path './.git/*' -not -path '*/testdata/*' | sort)
+mapfile -t files < <(find . -name '*.go' -not -path './.git/*' -not -path './third_party/*' -not -path '*/testdata/*' | sort)
 [ ${#files[@]} -eq 0 ] && exit 0
 bad=$(gofmt -l "${files[@]}")
 if [ -n "$bad" ]; then

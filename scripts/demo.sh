@@ -10,6 +10,7 @@
 # Run as root on a machine with iproute2, tc (tbf) and iperf3
 # (scripts/install-deps.sh installs them). DURATION=seconds per run.
 set -euo pipefail
+bash "$(dirname "$0")/gvisor-patch.sh" # third_party/gvisor, see the Makefile
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "demo: needs root (network namespaces, TUN devices)" >&2

@@ -5,6 +5,7 @@
 #   FUZZTIME=2m scripts/fuzz.sh            all targets
 #   scripts/fuzz.sh ./mptcpep/header       targets of some packages
 set -euo pipefail
+bash "$(dirname "$0")/gvisor-patch.sh" # third_party/gvisor, see the Makefile
 cd "$(dirname "$0")/.."
 fuzztime=${FUZZTIME:-30s}
 dirs=("$@")

@@ -4,6 +4,7 @@
 # themselves. As root those tests would run, so only packages whose tests
 # never check for privilege are tested (found by grepping for the checks).
 set -euo pipefail
+bash "$(dirname "$0")/gvisor-patch.sh" # third_party/gvisor, see the Makefile
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
 	exec go test -short -count=1 "$@" ./...

@@ -20,6 +20,7 @@ import (
 	"github.com/mptun/mptun/hostnet"
 	"github.com/mptun/mptun/mptcpep"
 	"github.com/mptun/mptun/netstack"
+	"github.com/mptun/mptun/netstack/cc"
 	"github.com/mptun/mptun/tun"
 )
 
@@ -43,6 +44,9 @@ type Config struct {
 	// listener behind a load balancer that would not steer joins to it.
 	// ModeListen only: only a listener is joined.
 	DenyJoinInitialAddr bool
+	// CongestionControl names the subflows' controller (netstack/cc;
+	// "": cubic).
+	CongestionControl string
 	// Logger (nil: slog.Default()).
 	Logger *slog.Logger
 }
@@ -71,6 +75,11 @@ func (c *Config) Validate() error {
 		}
 	default:
 		return &ConfigError{fmt.Sprintf("unknown mode %v", c.Mode)}
+	}
+	if c.CongestionControl != "" {
+		if err := cc.Valid(c.CongestionControl); err != nil {
+			return &ConfigError{err.Error()}
+		}
 	}
 	if len(c.Uplinks) == 0 {
 		return &ConfigError{"at least one --uplink is required"}
@@ -116,7 +125,7 @@ func Start(ctx context.Context, cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{host: host, log: log}
-	st, err := netstack.New(netstack.Options{})
+	st, err := netstack.New(netstack.Options{CongestionControl: cfg.CongestionControl})
 	if err != nil {
 		e.Close()
 		return nil, err

@@ -39,6 +39,9 @@ type Config struct {
 	DenyJoinInitialAddr bool
 	// Scheduler picks the subflow for each chunk (nil: lowest RTT first).
 	Scheduler Scheduler
+	// CongestionControl names the subflows' congestion controller (package
+	// netstack/cc: "bbr", "cubic", "reno"; "": the stack's default).
+	CongestionControl string
 	// Logger receives protocol events (nil: slog.Default()).
 	Logger *slog.Logger
 	// Rand supplies keys and nonces (nil: crypto/rand).

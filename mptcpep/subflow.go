@@ -12,6 +12,7 @@ import (
 
 	"github.com/mptun/mptun/mptcpep/header"
 	"github.com/mptun/mptun/netstack"
+	"github.com/mptun/mptun/netstack/cc"
 )
 
 // defaultMSS stands for a subflow's MSS until a full segment shows it: an
@@ -103,6 +104,10 @@ type subflow struct {
 	// and the scheduler sizes its grant in cwnd x MSS bytes. Atomic: set
 	// in Outgoing, read by sample without the connection lock.
 	maxSeg atomic.Int32
+
+	// cc is the congestion controller of ours that gVisor runs for this
+	// subflow (nil: gVisor's own); its Info is safe from any goroutine.
+	cc atomic.Pointer[cc.Reporter]
 }
 
 func newSubflow(c *Conn, t netstack.Tuple, active, initial bool) *subflow {

@@ -14,6 +14,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+
+	"github.com/mptun/mptun/netstack/cc"
 )
 
 // Options tune the gVisor stack.
@@ -21,7 +23,9 @@ type Options struct {
 	// SendBuffer and ReceiveBuffer are the per-subflow maximum buffer sizes
 	// (0: 4 MiB send, 6 MiB receive).
 	SendBuffer, ReceiveBuffer int
-	// CongestionControl is "cubic" (default) or "reno".
+	// CongestionControl is the default controller of the stack's TCP
+	// endpoints: "cubic" (default), "reno" (gVisor's own) or one of ours
+	// (package cc: "bbr"). A Flow may choose its own (CongestionControlled).
 	CongestionControl string
 	// QueueLen is the fifo qdisc length per NIC (0: 1000 packets).
 	QueueLen int
@@ -61,11 +65,16 @@ func New(o Options) (*Stack, error) {
 	if o.QueueLen == 0 {
 		o.QueueLen = 1000
 	}
+	if err := cc.Valid(o.CongestionControl); err != nil {
+		return nil, fmt.Errorf("netstack: %w", err)
+	}
+	ns := &Stack{Mux: NewMux(), nics: make(map[tcpip.NICID]*NIC), next: 1, opts: o}
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocolCongestionControl(ns.ccFactory)},
 		HandleLocal:        false,
 	})
+	ns.S = s
 	set := func(opt tcpip.SettableTransportProtocolOption, what string) error {
 		if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
 			return fmt.Errorf("netstack: set %s: %s", what, err)
@@ -74,7 +83,11 @@ func New(o Options) (*Stack, error) {
 	}
 	sack := tcpip.TCPSACKEnabled(true)
 	mod := tcpip.TCPModerateReceiveBufferOption(true)
-	cc := tcpip.CongestionControlOption(o.CongestionControl)
+	// gVisor's own controller where ours are not chosen (cc.New is nil).
+	gcc := tcpip.CongestionControlOption(cc.NameCubic)
+	if o.CongestionControl == cc.NameReno {
+		gcc = cc.NameReno
+	}
 	// RACK off: after an outage that loses a whole window, gVisor's RACK
 	// recovery at this version sits in SACK recovery with cwnd 5 and a
 	// backed-off RTO (~3 s), retransmitting one segment per RTO, so a
@@ -88,7 +101,7 @@ func New(o Options) (*Stack, error) {
 	}{
 		{&sack, "SACK"},
 		{&mod, "receive buffer moderation"},
-		{&cc, "congestion control"},
+		{&gcc, "congestion control"},
 		{&rec, "loss recovery"},
 		{&tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: o.SendBuffer}, "send buffer"},
 		{&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: o.ReceiveBuffer}, "receive buffer"},
@@ -98,7 +111,7 @@ func New(o Options) (*Stack, error) {
 			return nil, err
 		}
 	}
-	return &Stack{S: s, Mux: NewMux(), nics: make(map[tcpip.NICID]*NIC), next: 1, opts: o}, nil
+	return ns, nil
 }
 
 // AddNIC attaches link behind an option layer, with the given addresses and

@@ -12,6 +12,7 @@ import (
 
 	"github.com/mptun/mptun/engine"
 	"github.com/mptun/mptun/hostnet"
+	"github.com/mptun/mptun/netstack/cc"
 )
 
 // uplinkFlags collects repeated --uplink values.
@@ -43,6 +44,7 @@ type commonFlags struct {
 	stats    bool
 	every    time.Duration
 	mtu      int
+	cc       string
 }
 
 func (c *commonFlags) register(fs *flag.FlagSet) {
@@ -52,6 +54,7 @@ func (c *commonFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.stats, "stats", false, "print statistics at the end")
 	fs.DurationVar(&c.every, "stats-every", 0, "print per-subflow rates, RTT and cwnd to stderr this often (0: never)")
 	fs.IntVar(&c.mtu, "mtu", 0, "TUN MTU (0: the uplink's)")
+	fs.StringVar(&c.cc, "cc", cc.NameCubic, "subflow congestion control: "+strings.Join(cc.Names(), ", "))
 }
 
 // cmdFlags is the preamble the engine commands share: a flag set with the
@@ -159,7 +162,7 @@ func printFlags(w io.Writer, fs *flag.FlagSet) {
 // engine refuses is the user's mistake, a usage error.
 func (c *cmdFlags) startEngine(ctx context.Context, mode hostnet.Mode, port uint16) (*engine.Engine, error) {
 	eng, err := engine.Start(ctx, engine.Config{Mode: mode, Uplinks: c.uplinks, ListenPort: port, MTU: c.mtu, Checksum: c.checksum,
-		DenyJoinInitialAddr: c.denyJoinInitial, Logger: c.log})
+		DenyJoinInitialAddr: c.denyJoinInitial, CongestionControl: c.cc, Logger: c.log})
 	var ce *engine.ConfigError
 	if errors.As(err, &ce) {
 		return nil, usageError{err}

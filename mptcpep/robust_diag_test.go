@@ -26,6 +26,10 @@ func debugSubflows(c *Conn) string {
 		in := sf.sample()
 		s += fmt.Sprintf("\n   %v %v inflight=%d ackAge=%v stale=%v retrans=%d tcpstate=%v castate=%v rto=%v cwnd=%d ssthresh=%d reorder=%v",
 			sf.tuple, st, infl, age.Round(time.Millisecond), stale, in.retrans, ti.State, ti.CcState, ti.RTO, ti.SndCwnd, ti.SndSsthresh, ti.ReorderSeen)
+		if ci := sf.ccInfo(); ci.Name != "" {
+			s += fmt.Sprintf(" cc=%s/%s pacing=%.1fMbit/s bw=%.1fMbit/s minrtt=%.1fms losses=%d rtos=%d probertts=%d",
+				ci.Name, ci.State, float64(ci.PacingRate)*8/1e6, float64(ci.BtlBw)*8/1e6, ci.MinRTT*1e3, ci.LossEvents, ci.RTOs, ci.ProbeRTTs)
+		}
 	}
 	return s
 }

@@ -99,6 +99,14 @@ func TestSubflowLossReinjection(t *testing.T) {
 				}
 			})
 			start := time.Now()
+			if os.Getenv("MPTUN_DEBUG_CC") != "" {
+				go func() {
+					for ctx.Err() == nil {
+						time.Sleep(time.Second)
+						t.Logf("%v:\nclient %s\nserver %s", time.Since(start), debugSubflows(cc), debugSubflows(sc))
+					}
+				}()
+			}
 			exchange(t, ctx, cc, sc, up, down)
 			t.Logf("transfer took %v\nclient %s\n%s\nserver %s\n%s", time.Since(start),
 				summary(cc), mibString(&w.client.MIB), summary(sc), mibString(&w.server.MIB))

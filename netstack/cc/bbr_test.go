@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"gvisor.dev/gvisor/pkg/tcpip/seqnum"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
 
@@ -43,7 +44,7 @@ func feed(b *BBR, from, d time.Duration, rate float64, rtt time.Duration, inflig
 	per := int(rate * step.Seconds())
 	for at := from + step; at <= from+d; at += step {
 		b.st.Outstanding = inflight
-		b.OnAck(tcp.AckSample{Delivered: per, RTT: rtt, AckTime: mono(at)})
+		b.OnAck(tcp.AckSample{Acked: per, Delivered: per, RTT: rtt, AckTime: mono(at)})
 	}
 	return from + d
 }
@@ -106,14 +107,21 @@ func TestBBRTimeoutRestartsThenRestores(t *testing.T) {
 	b := NewBBR(st)
 	now := feed(b, 0, 300*time.Millisecond, 6.25e6, 20*time.Millisecond, 30)
 	cwnd := st.SndCwnd
+	st.SndUna, st.SndNxt = 1000, seqnum.Value(1000+300*1448)
 	b.HandleRTOExpired()
 	require.Equal(t, 1, st.SndCwnd)
-	st.Outstanding = 1
-	b.OnAck(tcp.AckSample{Delivered: 1448, RTT: 20 * time.Millisecond, AckTime: mono(now + time.Millisecond)})
-	require.Less(t, st.SndCwnd, cwnd, "window restored before the outstanding data was delivered")
-	// Everything outstanding at the timeout delivered: window back.
-	feed(b, now+time.Millisecond, 20*time.Millisecond, 6.25e6, 20*time.Millisecond, 10)
-	require.GreaterOrEqual(t, st.SndCwnd, cwnd-1)
+	// Slow start from one segment, by what is acknowledged, also when it
+	// is not delivered again (SACKed before the timeout).
+	st.SndUna += 1448
+	b.OnAck(tcp.AckSample{Acked: 1448, RTT: 20 * time.Millisecond, AckTime: mono(now + time.Millisecond)})
+	require.Equal(t, 2, st.SndCwnd)
+	b.OnAck(tcp.AckSample{Acked: 2 * 1448, Delivered: 2 * 1448, RTT: 20 * time.Millisecond, AckTime: mono(now + 2*time.Millisecond), InRecovery: true})
+	require.Equal(t, 4, st.SndCwnd)
+	// Everything sent before the timeout acknowledged: the window is back.
+	st.SndUna = st.SndNxt
+	b.OnAck(tcp.AckSample{Acked: 1448, Delivered: 1448, RTT: 20 * time.Millisecond, AckTime: mono(now + 3*time.Millisecond)})
+	require.GreaterOrEqual(t, st.SndCwnd, cwnd)
+	require.EqualValues(t, 1, b.Info().RTOs)
 }
 
 // TestBBRUnderRandomLoss is the reason for the controller: at 1 % random
@@ -146,4 +154,32 @@ func TestBBRUnderRandomLoss(t *testing.T) {
 			require.LessOrEqual(t, got/tc.rate, tc.max, fmt.Sprintf("goodput %.1f Mbit/s", got))
 		})
 	}
+}
+
+// TestBBRAckCompression: data leaves at the link rate but its ACKs come
+// back in bursts (queued behind the reverse direction's data): the estimate
+// must stay at the rate the data was sent and delivered at, not the ACKs'.
+func TestBBRAckCompression(t *testing.T) {
+	st := &tcp.TCPSenderState{SndCwnd: 10, MaxPayloadSize: 1448}
+	b := NewBBR(st)
+	const rate = 6.25e6 // 50 Mbit/s
+	rtt := 10 * time.Millisecond
+	step := time.Millisecond
+	per := int(rate * step.Seconds())
+	var sentBy []time.Duration // when each 1 ms chunk was sent
+	for at := time.Duration(0); at < 2*time.Second; at += step {
+		b.OnSend(per, mono(at))
+		sentBy = append(sentBy, at)
+	}
+	// ACKs: every 20 ms, the chunks sent 20-40 ms earlier arrive within
+	// 1 ms (ACK rate 20x the link's).
+	acked := 0
+	for at := 40 * time.Millisecond; at < 2*time.Second; at += 20 * time.Millisecond {
+		for acked < len(sentBy) && sentBy[acked] <= at-rtt-20*time.Millisecond {
+			st.Outstanding = 100
+			b.OnAck(tcp.AckSample{Acked: per, Delivered: per, RTT: rtt, AckTime: mono(at + time.Duration(acked%20)*50*time.Microsecond)})
+			acked++
+		}
+	}
+	require.InEpsilon(t, rate, b.btlBw.best, 0.15, "estimate %.1f Mbit/s for a 50 Mbit/s link", b.btlBw.best*8/1e6)
 }

@@ -127,6 +127,9 @@ func (p *pathSim) send() {
 			seq, p.pending = p.pending[0], p.pending[1:]
 		} else {
 			p.seq++
+			if o, ok := p.cc.(tcp.SendObserver); ok {
+				o.OnSend(p.mss, mono(p.now))
+			}
 		}
 		p.transmit(seq)
 	}
@@ -196,7 +199,7 @@ func (p *pathSim) ack(pkt *simPkt) {
 		p.cc.Update(1, rtt, mono(p.now))
 	}
 	if o, ok := p.cc.(tcp.AckObserver); ok {
-		o.OnAck(tcp.AckSample{Delivered: p.mss, RTT: rtt, AckTime: mono(p.now), InRecovery: p.recovery})
+		o.OnAck(tcp.AckSample{Acked: p.mss, Delivered: p.mss, RTT: rtt, AckTime: mono(p.now), InRecovery: p.recovery})
 	}
 }
 

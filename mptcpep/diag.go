@@ -8,6 +8,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
 	"github.com/mptun/mptun/mptcpep/mpkey"
+	"github.com/mptun/mptun/netstack/cc"
 )
 
 // Diagnostics, and the three views of a subflow, each for its reader:
@@ -159,6 +160,9 @@ type SubflowStats struct {
 	Retransmits   uint64
 	Stale         bool
 	Error         string
+	// CC is the report of the congestion controller when it is one of
+	// ours (netstack/cc); zero when gVisor's own runs.
+	CC cc.Info
 }
 
 func (sf *subflow) stats() SubflowStats {
@@ -168,7 +172,7 @@ func (sf *subflow) stats() SubflowStats {
 		State: sf.state.String(), Backup: sf.backup, RemoteBackup: sf.remoteBackup,
 		Initial: sf.initial, RTT: sf.info.rtt, Cwnd: sf.info.cwnd,
 		BytesSent: sf.bytesTx, BytesReceived: sf.bytesRx, Reinjected: sf.reinjTx,
-		Retransmits: sf.info.retrans, Stale: sf.stale,
+		Retransmits: sf.info.retrans, Stale: sf.stale, CC: sf.ccInfo(),
 	}
 	if sf.err != nil {
 		s.Error = sf.err.Error()

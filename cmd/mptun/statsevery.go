@@ -80,9 +80,14 @@ func statsLines(prev, cur mptcpep.ConnStats, dt, since time.Duration) []string {
 		}
 		stx, srx := rate(sf.BytesSent, p.BytesSent), rate(sf.BytesReceived, p.BytesReceived)
 		tx, rx = tx+stx, rx+srx
-		lines = append(lines, fmt.Sprintf("stats t=%.1fs subflow %v->%v %s%s rtt=%.1fms cwnd=%d tx=%.1fMbit/s rx=%.1fMbit/s retrans=%d",
+		line := fmt.Sprintf("stats t=%.1fs subflow %v->%v %s%s rtt=%.1fms cwnd=%d tx=%.1fMbit/s rx=%.1fMbit/s retrans=%d",
 			since.Seconds(), sf.Local, sf.Remote, sf.State, backup, float64(sf.RTT)/float64(time.Millisecond), sf.Cwnd,
-			stx, srx, sf.Retransmits))
+			stx, srx, sf.Retransmits)
+		if c := sf.CC; c.Name != "" {
+			line += fmt.Sprintf(" cc=%s/%s pacing=%.1fMbit/s bw=%.1fMbit/s minrtt=%.1fms",
+				c.Name, c.State, float64(c.PacingRate)*8/1e6, float64(c.BtlBw)*8/1e6, c.MinRTT*1e3)
+		}
+		lines = append(lines, line)
 	}
 	lines[0] = fmt.Sprintf("stats t=%.1fs conn tx=%.1fMbit/s rx=%.1fMbit/s reinjected=%d",
 		since.Seconds(), tx, rx, cur.Reinjected)

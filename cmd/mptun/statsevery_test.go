@@ -12,6 +12,7 @@ import (
 
 	"github.com/mptun/mptun/lab"
 	"github.com/mptun/mptun/mptcpep"
+	"github.com/mptun/mptun/netstack/cc"
 )
 
 func TestStatsLines(t *testing.T) {
@@ -47,6 +48,16 @@ func TestStatsLines(t *testing.T) {
 				"conn tx=12.0Mbit/s rx=0.0Mbit/s",
 				"subflow 10.0.0.2:4000->10.0.0.1:80 established rtt=21.5ms cwnd=90 tx=8.0Mbit/s",
 				"subflow 10.0.1.2:4001->10.0.0.1:80 established backup rtt=21.5ms cwnd=90 tx=4.0Mbit/s",
+			},
+		},
+		{
+			name: "our congestion controller's state",
+			prev: mptcpep.ConnStats{Subflows: []mptcpep.SubflowStats{a}},
+			cur: mptcpep.ConnStats{Subflows: []mptcpep.SubflowStats{withCC(a, cc.Info{Name: "bbr", State: "probe_bw",
+				PacingRate: 6_250_000, BtlBw: 6_312_500, MinRTT: 0.0205})}},
+			dt: time.Second,
+			wantSubstr: []string{
+				"retrans=0 cc=bbr/probe_bw pacing=50.0Mbit/s bw=50.5Mbit/s minrtt=20.5ms",
 			},
 		},
 		{
@@ -90,4 +101,9 @@ func TestStatsWatchStops(t *testing.T) {
 	require.Contains(t, buf.String(), "stats t=")
 	time.Sleep(50 * time.Millisecond)
 	require.Len(t, buf.String(), n, "written after stop")
+}
+
+func withCC(s mptcpep.SubflowStats, c cc.Info) mptcpep.SubflowStats {
+	s.CC = c
+	return s
 }

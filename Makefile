@@ -22,7 +22,7 @@ help:
 	@echo 'make test-unit    fast tests needing no root (go test -short)'
 	@echo 'make test-race    the engine, option layer and command under the race detector (~2 min, no root)'
 	@echo 'make fuzz         every Fuzz target for FUZZTIME=$(FUZZTIME)'
-	@echo 'make bench        lab scenarios (root); SCENARIO=3, BENCH_DURATION=10s'
+	@echo 'make bench        lab scenarios (root); SCENARIO=3, BENCH_DURATION=10s, BENCH_CC=bbr,cubic'
 	@echo 'make demo         bonding demo in namespaces (root): iperf3 through mptun client/server vs each uplink'
 	@echo 'make cleanup      remove leftover mptun namespaces, links, rules, nft tables'
 	@echo 'make clean        remove build outputs'
@@ -83,7 +83,7 @@ fuzz: gvisor
 # shortens every transfer. Results: bench/results/DATE/ and bench/results/latest.md.
 bench: build
 	bash scripts/install-deps.sh
-	SCENARIO="$(SCENARIO)" BENCH_DURATION="$(BENCH_DURATION)" $(GO) run ./bench
+	SCENARIO="$(SCENARIO)" BENCH_DURATION="$(BENCH_DURATION)" BENCH_CC="$(BENCH_CC)" $(GO) run ./bench
 
 cleanup:
 	bash scripts/cleanup.sh

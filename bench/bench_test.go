@@ -315,6 +315,7 @@ func TestComparisonAndTargetTables(t *testing.T) {
 		{ScenarioID: 1, Impl: "kernel-mptcp", Dir: Upload, GoodputMbit: 92, Ratio: 0.92, Retrans: 10},
 		{ScenarioID: 1, Impl: "mptun-engine", Dir: Upload, GoodputMbit: 46, Ratio: 0.46, Retrans: 3},
 		{ScenarioID: 1, Impl: "mptun-tunnel", Dir: Upload, Err: "boom"},
+		{ScenarioID: 1, Impl: "mptun-engine/bbr", Dir: Upload, GoodputMbit: 92, Ratio: 0.92},
 		{ScenarioID: 7, Impl: "mptun-plain", Dir: Download, GoodputMbit: 2000, MptunCPUPerGbit: 0.5},
 		{ScenarioID: 7, Impl: "mptun-engine", Dir: Download, GoodputMbit: 1800, MptunCPUPerGbit: 0.6},
 	}
@@ -322,7 +323,9 @@ func TestComparisonAndTargetTables(t *testing.T) {
 	writeComparison(&b, sel, runs)
 	writeTargets(&b, sel, runs)
 	out := b.String()
-	require.Contains(t, out, "| 1 | two-equal | up | 47.0 | 92.0 | 46.0 (0.50) | - | 3 (10) | - |")
+	// A column per controller the mptun implementations ran with.
+	require.Contains(t, out, "| best single path | kernel-mptcp | mptun-engine | mptun-engine/bbr | mptun-tunnel | engine retrans")
+	require.Contains(t, out, "| 1 | two-equal | up | 47.0 | 92.0 | 46.0 (0.50) | 92.0 (1.00) | - | 3 (10) | - |")
 	require.Contains(t, out, "| mptun-engine | down | 1800 | 0.90 | 0.000 | 0.600 | 1.20 |")
 	require.Contains(t, out, "| mptun-engine | 46.0 | 46 | 0.0 | 0 |")
 	require.NotContains(t, out, "| 1 | two-equal | down |", "no runs for down: no row")

@@ -53,11 +53,20 @@ func implementations(s Scenario, cfg implConfig) []Impl {
 	for i := range s.Paths {
 		out = append(out, singlePathTCP(i))
 	}
-	out = append(out, kernelMPTCP(), mptunEngine(cfg, false))
-	if s.unlimited() {
-		out = append(out, mptunEngine(cfg, true))
+	out = append(out, kernelMPTCP())
+	ccs := cfg.CCs
+	if len(ccs) == 0 {
+		ccs = []string{""}
 	}
-	out = append(out, mptunTunnel(cfg))
+	for _, cc := range ccs {
+		out = append(out, mptunEngine(cfg, false, cc))
+	}
+	if s.unlimited() {
+		out = append(out, mptunEngine(cfg, true, ""))
+	}
+	for _, cc := range ccs {
+		out = append(out, mptunTunnel(cfg, cc))
+	}
 	return out
 }
 

@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/mptun/mptun/lab"
+	"github.com/mptun/mptun/netstack/cc"
 )
 
 func main() {
@@ -48,7 +49,8 @@ func run() error {
 		scenarioFlag = flag.String("scenario", envOr("SCENARIO", "all"), "comma-separated scenario numbers, or all")
 		durFlag      = flag.String("duration", envOr("BENCH_DURATION", "20s"), "duration of each transfer (Go duration or seconds)")
 		resultsDir   = flag.String("results", "bench/results", "results root; a DATE directory is created in it")
-		implFlag     = flag.String("impl", "", "comma-separated implementation names to run (default all)")
+		implFlag     = flag.String("impl", "", "comma-separated implementation names to run (default all; mptun-engine also selects mptun-engine/CC)")
+		ccFlag       = flag.String("cc", envOr("BENCH_CC", ""), "comma-separated congestion controllers the mptun implementations run with, one row each (default: each command's own)")
 		dirFlag      = flag.String("dir", "up,down", "directions: up, down or both")
 		note         = flag.String("note", envOr("BENCH_NOTE", ""), "free-text note for the report (e.g. machine load; default $BENCH_NOTE)")
 		verbose      = flag.Bool("v", false, "debug logging")
@@ -108,12 +110,24 @@ func run() error {
 	if err := os.MkdirAll(filepath.Join(dir, "raw"), 0o755); err != nil {
 		return fmt.Errorf("results dir: %w", err)
 	}
-	r := &runner{dir: dir, log: log, progress: os.Stderr, dirs: dirs, impls: implConfig{MptunBin: bin, Self: self, LogDir: filepath.Join(dir, "raw")}}
+	var ccs []string
+	if *ccFlag != "" {
+		for _, c := range strings.Split(*ccFlag, ",") {
+			c = strings.TrimSpace(c)
+			if err := cc.Valid(c); err != nil {
+				return fmt.Errorf("-cc: %w", err)
+			}
+			ccs = append(ccs, c)
+		}
+	}
+	r := &runner{dir: dir, log: log, progress: os.Stderr, dirs: dirs,
+		impls: implConfig{MptunBin: bin, Self: self, LogDir: filepath.Join(dir, "raw"), CCs: ccs}}
 	if *implFlag != "" {
 		want := strings.Split(*implFlag, ",")
 		r.implFilter = func(name string) bool {
+			base, _, _ := strings.Cut(name, "/")
 			for _, w := range want {
-				if strings.TrimSpace(w) == name {
+				if w = strings.TrimSpace(w); w == name || w == base {
 					return true
 				}
 			}

@@ -17,6 +17,26 @@ type implConfig struct {
 	// results directory): a crash's full stack trace must survive the run.
 	// Empty: a temporary directory.
 	LogDir string
+	// CCs are the congestion controllers the mptun implementations run
+	// with (--cc), one row each; "" is the command's default.
+	CCs []string
+}
+
+// ccName is the implementation's row name for controller cc: "mptun-engine"
+// for the default, "mptun-engine/bbr" for a chosen one.
+func ccName(base, cc string) string {
+	if cc == "" {
+		return base
+	}
+	return base + "/" + cc
+}
+
+// ccArgs is --cc for a chosen controller, nothing for the default.
+func ccArgs(cc string) []string {
+	if cc == "" {
+		return nil
+	}
+	return []string{"--cc", cc}
 }
 
 // mptunExtra is added to the iperf3-compatible JSON of mptun transfers:

@@ -53,16 +53,16 @@ func setServerMPTCPLimits(ctx context.Context, topo *lab.Topology) error {
 // mptunEngine is `mptun connect` with one --uplink per path against a
 // kernel MPTCP peer in the server namespace; plain is `connect --plain`,
 // TCP over the same userspace stack and TUN on the first path only.
-func mptunEngine(cfg implConfig, plain bool) Impl {
-	name := "mptun-engine"
+func mptunEngine(cfg implConfig, plain bool, cc string) Impl {
+	name := ccName("mptun-engine", cc)
 	if plain {
-		name = "mptun-plain"
+		name = ccName("mptun-plain", cc)
 	}
 	return Impl{
 		Name:  name,
 		Setup: setServerMPTCPLimits,
 		Transfer: func(ctx context.Context, env Env) ([]byte, error) {
-			return engineTransfer(ctx, env, cfg, plain)
+			return engineTransfer(ctx, env, cfg, plain, cc)
 		},
 	}
 }
@@ -103,7 +103,7 @@ func startPeer(ctx context.Context, env Env, cfg implConfig, mode, listen string
 	return cmd, br, nil
 }
 
-func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool) ([]byte, error) {
+func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool, cc string) ([]byte, error) {
 	p0 := env.Topo.Paths[0]
 	dst := netip.AddrPortFrom(p0.ServerAddr, uint16(env.Port)).String()
 	mode := "recv"
@@ -118,7 +118,7 @@ func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool) ([
 	}
 	defer func() { pcancel(); _ = peer.Wait() }()
 
-	args := []string{"connect"}
+	args := append([]string{"connect"}, ccArgs(cc)...)
 	if plain {
 		args = append(append(args, "--plain"), uplinkArgs(env.Topo, 1)...)
 	} else {

@@ -137,6 +137,7 @@ func (d *daemon) stop() error {
 
 // tunnel is the state of one mptun-tunnel topology.
 type tunnel struct {
+	cc             string // --cc of both daemons ("" their default)
 	dir            string
 	started        time.Time // names the daemons' stderr logs
 	server, client *daemon
@@ -147,10 +148,10 @@ type tunnel struct {
 // --route` in the client namespace; iperf3 runs unmodified from the client
 // namespace to a dummy address of the server namespace routed into the
 // tunnel.
-func mptunTunnel(cfg implConfig) Impl {
-	t := &tunnel{}
+func mptunTunnel(cfg implConfig, cc string) Impl {
+	t := &tunnel{cc: cc}
 	return Impl{
-		Name: "mptun-tunnel",
+		Name: ccName("mptun-tunnel", cc),
 		Setup: func(ctx context.Context, topo *lab.Topology) error {
 			return t.setup(ctx, topo, cfg)
 		},
@@ -185,7 +186,7 @@ func (t *tunnel) setup(ctx context.Context, topo *lab.Topology, cfg implConfig) 
 		}
 	}
 	srvAddr := netip.AddrPortFrom(topo.Paths[0].ServerAddr, tunnelPort).String()
-	args := []string{"server", "--listen", srvAddr, "--key-file", keyFile, "--allow-private"}
+	args := append([]string{"server", "--listen", srvAddr, "--key-file", keyFile, "--allow-private"}, ccArgs(t.cc)...)
 	for _, p := range topo.Paths {
 		args = append(args, "--uplink", p.ServerIf)
 	}
@@ -212,8 +213,8 @@ func (t *tunnel) setup(ctx context.Context, topo *lab.Topology, cfg implConfig) 
 	if err := topo.Client.WriteSysctl("net/ipv6/conf/default/disable_ipv6", "0"); err != nil {
 		return err
 	}
-	args = []string{"client", "--server", srvAddr, "--key-file", keyFile, "--route", tunnelWebPrefix,
-		"--socket", t.socket()}
+	args = append([]string{"client", "--server", srvAddr, "--key-file", keyFile, "--route", tunnelWebPrefix,
+		"--socket", t.socket()}, ccArgs(t.cc)...)
 	args = append(args, uplinkArgs(topo, len(topo.Paths))...)
 	if t.client, err = startDaemon(topo.Client, t.logPath(cfg, "client"), cfg.MptunBin, args...); err != nil {
 		return err

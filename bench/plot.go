@@ -46,7 +46,7 @@ func plotTimeline(dir string, sc Scenario, r Run) (string, error) {
 	p.Legend.Add("total", l)
 	p.Legend.Top = true
 	p.Y.Min = 0
-	name := fmt.Sprintf("timeline-s%d-%s-%s.png", sc.ID, r.Impl, r.Dir)
+	name := fmt.Sprintf("timeline-s%d-%s-%s.png", sc.ID, fileSafe(r.Impl), r.Dir)
 	if err := p.Save(8*vg.Inch, 4*vg.Inch, filepath.Join(dir, name)); err != nil {
 		return "", fmt.Errorf("save %s: %w", name, err)
 	}

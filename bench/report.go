@@ -132,13 +132,30 @@ func fmtVs(r Run, ok bool, base Run, baseOK bool) string {
 // writeComparison is mptun against the kernel in the same run, per
 // scenario and direction.
 func writeComparison(b *strings.Builder, scenarios []Scenario, runs []Run) {
-	b.WriteString("\n## mptun vs kernel MPTCP (same run)\n\nGoodput in Mbit/s, in brackets the ratio to kernel-mptcp; best single path is the best tcp-pN.\n\n| # | scenario | dir | best single path | kernel-mptcp | mptun-engine | mptun-tunnel | engine retrans (kernel) | engine below 50% s (kernel) |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+	// One column per mptun implementation that ran (engine and tunnel,
+	// each congestion controller the bench was given).
+	cols := []string{"mptun-engine", "mptun-tunnel"}
+	for _, r := range runs {
+		if strings.HasPrefix(r.Impl, "mptun-") && r.Impl != "mptun-plain" && !slices.Contains(cols, r.Impl) {
+			cols = append(cols, r.Impl)
+		}
+	}
+	slices.Sort(cols)
+	b.WriteString("\n## mptun vs kernel MPTCP (same run)\n\nGoodput in Mbit/s, in brackets the ratio to kernel-mptcp; best single path is the best tcp-pN.\n\n| # | scenario | dir | best single path | kernel-mptcp")
+	for _, c := range cols {
+		b.WriteString(" | " + c)
+	}
+	b.WriteString(" | engine retrans (kernel) | engine below 50% s (kernel) |\n|---|---|---|---:|---:" + strings.Repeat("|---:", len(cols)) + "|---:|---:|\n")
 	for _, sc := range scenarios {
 		for _, d := range []Direction{Upload, Download} {
 			k, kok := findRun(runs, sc.ID, "kernel-mptcp", d)
 			e, eok := findRun(runs, sc.ID, "mptun-engine", d)
-			t, tok := findRun(runs, sc.ID, "mptun-tunnel", d)
-			if !kok && !eok && !tok {
+			ran := kok
+			for _, c := range cols {
+				_, ok := findRun(runs, sc.ID, c, d)
+				ran = ran || ok
+			}
+			if !ran {
 				continue
 			}
 			best := 0.0
@@ -154,8 +171,12 @@ func writeComparison(b *strings.Builder, scenarios []Scenario, runs []Run) {
 					below = fmt.Sprintf("%.1f (%.1f)", *e.BelowHalf, *k.BelowHalf)
 				}
 			}
-			fmt.Fprintf(b, "| %d | %s | %s | %.1f | %s | %s | %s | %s | %s |\n", sc.ID, sc.Name, d, best,
-				fmtVs(k, kok, Run{}, false), fmtVs(e, eok, k, kok), fmtVs(t, tok, k, kok), re, below)
+			fmt.Fprintf(b, "| %d | %s | %s | %.1f | %s", sc.ID, sc.Name, d, best, fmtVs(k, kok, Run{}, false))
+			for _, c := range cols {
+				r, ok := findRun(runs, sc.ID, c, d)
+				fmt.Fprintf(b, " | %s", fmtVs(r, ok, k, kok))
+			}
+			fmt.Fprintf(b, " | %s | %s |\n", re, below)
 		}
 	}
 }

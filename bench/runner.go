@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/mptun/mptun/lab"
@@ -155,7 +156,7 @@ func (r *runner) transfer(ctx context.Context, topo *lab.Topology, sc Scenario, 
 	self1, err2 := selfCPU()
 	re1, err3 := retransSegs(sender)
 	if len(raw) > 0 {
-		name := fmt.Sprintf("s%d-%s-%s.json", sc.ID, impl.Name, dir)
+		name := fmt.Sprintf("s%d-%s-%s.json", sc.ID, fileSafe(impl.Name), dir)
 		if err := os.WriteFile(filepath.Join(r.dir, "raw", name), raw, 0o644); err != nil {
 			return fail(fmt.Errorf("save raw: %w", err))
 		}
@@ -229,3 +230,7 @@ func fmtErr(e string) string {
 	}
 	return " ERROR: " + e
 }
+
+// fileSafe is an implementation name usable in a file name
+// ("mptun-engine/bbr" -> "mptun-engine-bbr").
+func fileSafe(name string) string { return strings.ReplaceAll(name, "/", "-") }

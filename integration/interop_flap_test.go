@@ -5,6 +5,7 @@ import (
 	"net"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -58,13 +59,15 @@ func TestInteropConnectUplinkFlap(t *testing.T) {
 	require.GreaterOrEqual(t, st.MIB["RemoveAddrTX"], uint64(1), "the downed uplink was withdrawn: %v", st.MIB)
 	require.GreaterOrEqual(t, st.MIB["MPJoinEstablished"], uint64(2), "a second join over the returning uplink: %v", st.MIB)
 	// A subflow joined over the second uplink after its return carried
-	// data (the one before the flap was withdrawn with an error).
+	// data (the one before the flap was withdrawn with the removal error;
+	// the others may end "closed by peer": the kernel closes its side
+	// first at the end).
 	var rejoined int64
 	withdrawn := 0
 	for _, s := range st.Conn.Subflows {
 		switch {
 		case s.Initial:
-		case s.Error != "":
+		case strings.Contains(s.Error, "local address removed"):
 			withdrawn++
 		default:
 			rejoined += int64(s.BytesSent)

@@ -28,6 +28,7 @@ type clientFileConfig struct {
 	Metrics      string   `toml:"metrics"`
 	LogLevel     string   `toml:"log_level"`
 	UnboundAuth  bool     `toml:"unbound_auth"`
+	CC           string   `toml:"cc"`
 }
 
 // serverFileConfig mirrors `mptun server` flags.
@@ -44,6 +45,7 @@ type serverFileConfig struct {
 	TCPIdle           duration `toml:"tcp_idle"`
 	UDPIdle           duration `toml:"udp_idle"`
 	LogLevel          string   `toml:"log_level"`
+	CC                string   `toml:"cc"`
 }
 
 // duration is a time.Duration written as "90s", "2h".
@@ -117,6 +119,7 @@ func (c *serverFileConfig) flagValues() map[string][]string {
 	}
 	str("listen", c.Listen)
 	str("key-file", c.KeyFile)
+	str("cc", c.CC)
 	boolean("kernel", c.Kernel)
 	if len(c.Uplinks) > 0 {
 		m["uplink"] = c.Uplinks
@@ -149,6 +152,7 @@ func (c *clientFileConfig) flagValues() map[string][]string {
 	}
 	str("server", c.Server)
 	str("key-file", c.KeyFile)
+	str("cc", c.CC)
 	if len(c.Uplinks) > 0 {
 		m["uplink"] = c.Uplinks
 	}

@@ -54,7 +54,7 @@ func (c *commonFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.stats, "stats", false, "print statistics at the end")
 	fs.DurationVar(&c.every, "stats-every", 0, "print per-subflow rates, RTT and cwnd to stderr this often (0: never)")
 	fs.IntVar(&c.mtu, "mtu", 0, "TUN MTU (0: the uplink's)")
-	fs.StringVar(&c.cc, "cc", cc.NameCubic, "subflow congestion control: "+strings.Join(cc.Names(), ", "))
+	fs.StringVar(&c.cc, "cc", cc.NameBBR, "subflow congestion control: "+strings.Join(cc.Names(), ", "))
 }
 
 // cmdFlags is the preamble the engine commands share: a flag set with the

@@ -8,9 +8,13 @@ import (
 var _ netstack.CongestionControlled = (*subflow)(nil)
 
 // CongestionControl implements netstack.CongestionControlled: the
-// endpoint's choice for every subflow. Called by gVisor under the subflow
-// endpoint's lock: reads only the immutable config.
-func (sf *subflow) CongestionControl() string { return sf.c.e.cfg.CongestionControl }
+// endpoint's choice for every subflow, counting in its MIB. Called by gVisor
+// under the subflow endpoint's lock: reads only the immutable config.
+func (sf *subflow) CongestionControl() (string, cc.Events) {
+	m := &sf.c.e.MIB
+	return sf.c.e.cfg.CongestionControl, cc.Events{LossEvents: &m.CCLossEvents, RTOs: &m.CCRTOs,
+		ProbeRTTs: &m.CCProbeRTTs, StartupExits: &m.CCStartupExits}
+}
 
 // ControllerCreated implements netstack.CongestionControlled.
 func (sf *subflow) ControllerCreated(r cc.Reporter) {

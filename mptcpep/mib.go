@@ -20,6 +20,10 @@ type MIB struct {
 	MPCapableSYNDrop      atomic.Uint64 // MP_CAPABLE left off a SYN retransmission (two went unanswered): plain TCP
 	MPCapableUnsupported  atomic.Uint64 // MP_CAPABLE without H (HMAC-SHA256): plain TCP
 	FlowPanics            atomic.Uint64 // a subflow's option handling panicked: its connection was aborted
+	CCLossEvents          atomic.Uint64 // our congestion controller saw a subflow enter loss recovery
+	CCRTOs                atomic.Uint64 // ... a retransmission timeout
+	CCProbeRTTs           atomic.Uint64 // ... BBR drained its queue to measure the min RTT
+	CCStartupExits        atomic.Uint64 // ... BBR's Startup found the pipe full
 	MPCapableKeyWait      atomic.Uint64 // accepted before the peer's key (its data-carrying MP_CAPABLE lost): waited for it
 	MPJoinSYNTX           atomic.Uint64
 	MPJoinSYNRX           atomic.Uint64

@@ -77,6 +77,13 @@ type SubflowStatus struct {
 	// (segments counted as bytes sent / 1400), over the subflow's life.
 	LossPct float64 `json:"loss_pct"`
 	Error   string  `json:"error,omitempty"`
+	// Congestion control: our controller's state and estimates (empty
+	// with gVisor's own).
+	CC        string  `json:"cc,omitempty"`
+	CCState   string  `json:"cc_state,omitempty"`
+	PacingBps uint64  `json:"pacing_bps,omitempty"`
+	BtlBwBps  uint64  `json:"btlbw_bps,omitempty"`
+	MinRTTms  float64 `json:"min_rtt_ms,omitempty"`
 }
 
 // RateMeter turns cumulative subflow byte counters into rates by sampling
@@ -151,7 +158,8 @@ func (m *RateMeter) Conns(conns []*mptcpep.Conn) ([]ConnStatus, time.Duration) {
 			ss := SubflowStatus{Local: sf.Local.String(), Remote: sf.Remote.String(), LocalID: sf.LocalID,
 				State: sf.State, Backup: sf.Backup, RTTms: float64(sf.RTT.Microseconds()) / 1000, Cwnd: sf.Cwnd,
 				BytesSent: sf.BytesSent, BytesRecv: sf.BytesReceived, TxBps: r[0], RxBps: r[1],
-				Retransmits: sf.Retransmits, Error: sf.Error}
+				Retransmits: sf.Retransmits, Error: sf.Error,
+				CC: sf.CC.Name, CCState: sf.CC.State, PacingBps: sf.CC.PacingRate * 8, BtlBwBps: sf.CC.BtlBw * 8, MinRTTms: sf.CC.MinRTT * 1e3}
 			if segs := sf.BytesSent / 1400; segs > 0 {
 				ss.LossPct = 100 * float64(sf.Retransmits) / float64(segs)
 			}

@@ -82,9 +82,14 @@ func printStatus(w io.Writer, st *client.Status) error {
 		}
 		fmt.Fprintf(w, "  %s -> %s (%s, sent %d, received %d, reinjected %d)\n", c.Local, c.Remote, kind, c.BytesSent, c.BytesReceived, c.Reinjected)
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "    SUBFLOW\tSTATE\tBACKUP\tRTT ms\tCWND\tTX Mbit/s\tRX Mbit/s\tRETRANS\tLOSS %")
+		fmt.Fprintln(tw, "    SUBFLOW\tSTATE\tBACKUP\tRTT ms\tCWND\tTX Mbit/s\tRX Mbit/s\tRETRANS\tLOSS %\tCC\tPACING Mbit/s\tBW Mbit/s\tMIN RTT ms")
 		for _, sf := range c.Subflows {
-			fmt.Fprintf(tw, "    %s\t%s\t%v\t%.1f\t%d\t%s\t%s\t%d\t%.2f\n", sf.Local, sf.State, sf.Backup, sf.RTTms, sf.Cwnd, mbps(sf.TxBps), mbps(sf.RxBps), sf.Retransmits, sf.LossPct)
+			cc, pacing, bw, minRTT := "-", "-", "-", "-"
+			if sf.CC != "" {
+				cc, pacing, bw, minRTT = sf.CC+"/"+sf.CCState, mbps(sf.PacingBps), mbps(sf.BtlBwBps), fmt.Sprintf("%.1f", sf.MinRTTms)
+			}
+			fmt.Fprintf(tw, "    %s\t%s\t%v\t%.1f\t%d\t%s\t%s\t%d\t%.2f\t%s\t%s\t%s\t%s\n", sf.Local, sf.State, sf.Backup, sf.RTTms, sf.Cwnd,
+				mbps(sf.TxBps), mbps(sf.RxBps), sf.Retransmits, sf.LossPct, cc, pacing, bw, minRTT)
 		}
 		if err := tw.Flush(); err != nil {
 			return err

@@ -32,6 +32,7 @@ import (
 type BBR struct {
 	st *tcp.TCPSenderState
 	r  report
+	ev Events
 
 	mode       bbrMode
 	pacingGain float64
@@ -157,6 +158,7 @@ func (b *BBR) bdp() float64 {
 func (b *BBR) HandleLossDetected() {
 	b.inRecovery = true
 	b.r.lossEvents.Add(1)
+	count(b.ev.LossEvents)
 	// Never below what is in flight (the draft's packet conservation):
 	// gVisor's recovery sends only while the pipe is below cwnd, and a
 	// window under the pipe (after a timeout, with everything sent before
@@ -172,6 +174,7 @@ func (b *BBR) HandleLossDetected() {
 // at the timeout is delivered (the draft's restore of prior_cwnd).
 func (b *BBR) HandleRTOExpired() {
 	b.r.rtos.Add(1)
+	count(b.ev.RTOs)
 	b.priorCwnd = max(b.priorCwnd, b.st.SndCwnd)
 	b.rtoRecover = b.st.SndNxt
 	b.rtoPending = true
@@ -357,6 +360,7 @@ func (b *BBR) checkFullPipe() {
 	if b.fullBwCount >= bbrFullBwRounds {
 		b.filledPipe = true
 		b.r.startupExit.Store(1)
+		count(b.ev.StartupExits)
 	}
 }
 
@@ -383,6 +387,7 @@ func (b *BBR) updateMode(now tcpip.MonotonicTime) {
 		b.priorCwnd = max(b.priorCwnd, b.st.SndCwnd)
 		b.probeRTTDone = tcpip.MonotonicTime{}
 		b.r.probeRTTs.Add(1)
+		count(b.ev.ProbeRTTs)
 	}
 	if b.mode == bbrProbeRTT {
 		b.handleProbeRTT(now)

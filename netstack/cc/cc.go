@@ -11,6 +11,7 @@ package cc
 import (
 	"fmt"
 	"strings"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
@@ -36,13 +37,31 @@ func Valid(name string) error {
 }
 
 // New returns the controller called name for a sender with state st, or nil
-// when gVisor's own controller of that name should run (cubic, reno).
-func New(name string, st *tcp.TCPSenderState) tcp.CongestionControl {
+// when gVisor's own controller of that name should run (cubic, reno). ev is
+// where it counts its events besides its own report (an endpoint's MIB).
+func New(name string, st *tcp.TCPSenderState, ev Events) tcp.CongestionControl {
 	switch name {
 	case NameBBR:
-		return NewBBR(st)
+		b := NewBBR(st)
+		b.ev = ev
+		return b
 	default:
 		return nil
+	}
+}
+
+// Events are counters shared by many controllers (an endpoint's MIB); a nil
+// one is not counted.
+type Events struct {
+	LossEvents   *atomic.Uint64 // recoveries entered
+	RTOs         *atomic.Uint64 // retransmission timeouts
+	ProbeRTTs    *atomic.Uint64 // ProbeRTT phases
+	StartupExits *atomic.Uint64 // Startup found the pipe full
+}
+
+func count(c *atomic.Uint64) {
+	if c != nil {
+		c.Add(1)
 	}
 }
 

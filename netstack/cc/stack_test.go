@@ -87,6 +87,9 @@ func TestControllerOnLossyLink(t *testing.T) {
 		t.Logf("%s: %.1f Mbit/s, %d retransmissions", name, mbit, retrans)
 		res[name] = mbit
 	}
+	if raceEnabled {
+		return
+	}
 	require.Greater(t, res["bbr"], 35.0, "bbr below 0.7 of the link under 1 %% loss")
 	require.Greater(t, res["bbr"], 2*res["cubic"])
 }

@@ -166,6 +166,16 @@ func (b *BBR) HandleLossDetected() {
 	// backed-off RTO (3.2 s).
 	b.st.Ssthresh = max(b.st.SndCwnd, b.st.Outstanding+1) - 3
 	b.st.Ssthresh = max(b.st.Ssthresh, bbrMinCwndPackets)
+	// Loss in Startup with a queue (RTT a quarter above the min) is the
+	// overshoot filling the bottleneck's buffer, not random loss: the pipe
+	// is full (as BBRv2 ends Startup on loss). Going on overran a 20 Mbit/s
+	// 80 ms path's queue into RTOs that resent whole 2-BDP windows (2564
+	// retransmissions in 10 s, wifi+lte in-process).
+	if b.mode == bbrStartup && b.haveRTT && b.srtt > b.rtProp*5/4 {
+		b.filledPipe = true
+		b.r.startupExit.Store(1)
+		count(b.ev.StartupExits)
+	}
 }
 
 // HandleRTOExpired implements tcp.CongestionControl: a timeout may mean the

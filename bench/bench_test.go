@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -359,4 +360,21 @@ func TestSendForOverLoopback(t *testing.T) {
 	r := <-got
 	require.NoError(t, r.err)
 	require.Equal(t, n, r.n, "everything sent before the half-close arrives")
+}
+
+func TestImplementationsPerController(t *testing.T) {
+	sc := Scenarios(10 * time.Second)
+	names := func(s Scenario, ccs ...string) []string {
+		var out []string
+		for _, i := range implementations(s, implConfig{CCs: ccs}) {
+			out = append(out, i.Name)
+		}
+		return out
+	}
+	require.Equal(t, []string{"tcp-p0", "tcp-p1", "kernel-mptcp", "mptun-engine", "mptun-tunnel"}, names(sc[0]))
+	// The satellite scenario also runs mptun over the satellite alone.
+	require.Equal(t, []string{"tcp-p0", "tcp-p1", "kernel-mptcp",
+		"mptun-engine/bbr", "mptun-p1/bbr", "mptun-engine/cubic", "mptun-p1/cubic",
+		"mptun-tunnel/bbr", "mptun-tunnel/cubic"}, names(sc[2], "bbr", "cubic"))
+	require.Equal(t, "s3-mptun-p1-bbr-up.json", fmt.Sprintf("s%d-%s-%s.json", 3, fileSafe("mptun-p1/bbr"), Upload))
 }

@@ -60,6 +60,9 @@ func implementations(s Scenario, cfg implConfig) []Impl {
 	}
 	for _, cc := range ccs {
 		out = append(out, mptunEngine(cfg, false, cc))
+		for _, i := range s.MptunAlone {
+			out = append(out, mptunEngineOn(cfg, false, cc, i))
+		}
 	}
 	if s.unlimited() {
 		out = append(out, mptunEngine(cfg, true, ""))

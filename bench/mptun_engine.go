@@ -54,15 +54,24 @@ func setServerMPTCPLimits(ctx context.Context, topo *lab.Topology) error {
 // kernel MPTCP peer in the server namespace; plain is `connect --plain`,
 // TCP over the same userspace stack and TUN on the first path only.
 func mptunEngine(cfg implConfig, plain bool, cc string) Impl {
+	return mptunEngineOn(cfg, plain, cc, -1)
+}
+
+// mptunEngineOn is mptunEngine over the scenario's path i alone
+// ("mptun-p<i>"), or over all of them for i < 0.
+func mptunEngineOn(cfg implConfig, plain bool, cc string, path int) Impl {
 	name := ccName("mptun-engine", cc)
-	if plain {
+	switch {
+	case plain:
 		name = ccName("mptun-plain", cc)
+	case path >= 0:
+		name = ccName(fmt.Sprintf("mptun-p%d", path), cc)
 	}
 	return Impl{
 		Name:  name,
 		Setup: setServerMPTCPLimits,
 		Transfer: func(ctx context.Context, env Env) ([]byte, error) {
-			return engineTransfer(ctx, env, cfg, plain, cc)
+			return engineTransfer(ctx, env, cfg, plain, cc, path)
 		},
 	}
 }
@@ -103,7 +112,7 @@ func startPeer(ctx context.Context, env Env, cfg implConfig, mode, listen string
 	return cmd, br, nil
 }
 
-func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool, cc string) ([]byte, error) {
+func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool, cc string, path int) ([]byte, error) {
 	p0 := env.Topo.Paths[0]
 	dst := netip.AddrPortFrom(p0.ServerAddr, uint16(env.Port)).String()
 	mode := "recv"
@@ -122,7 +131,12 @@ func engineTransfer(ctx context.Context, env Env, cfg implConfig, plain bool, cc
 	if plain {
 		args = append(append(args, "--plain"), uplinkArgs(env.Topo, 1)...)
 	} else {
-		args = append(append(args, "--stats", "--stats-every", statsEvery), uplinkArgs(env.Topo, len(env.Topo.Paths))...)
+		args = append(args, "--stats", "--stats-every", statsEvery)
+		if path >= 0 {
+			args = append(args, "--uplink", env.Topo.Paths[path].ClientIf)
+		} else {
+			args = append(args, uplinkArgs(env.Topo, len(env.Topo.Paths))...)
+		}
 	}
 	cmd := env.Topo.Client.Command(ctx, cfg.MptunBin, append(args, dst)...)
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }

@@ -17,6 +17,10 @@ type Scenario struct {
 	Duration time.Duration
 	// Timeline asks for a goodput-over-time plot per path.
 	Timeline bool
+	// MptunAlone are paths `mptun connect` also runs over alone
+	// ("mptun-p<i>"): what its subflow congestion control gets from one
+	// hard path (the satellite) beside the kernel's single TCP flow.
+	MptunAlone []int
 }
 
 // pathRate is the sum of the path rates, the ideal multipath goodput.
@@ -65,7 +69,7 @@ func Scenarios(d time.Duration) []Scenario {
 	return []Scenario{
 		{ID: 1, Name: "two-equal", Duration: d, Paths: []lab.Path{path("a", 50, 10*ms, 0), path("b", 50, 10*ms, 0)}},
 		{ID: 2, Name: "wifi-lte", Duration: d, Paths: []lab.Path{path("wifi", 40, 5*ms, 0), path("lte", 20, 40*ms, 0)}},
-		{ID: 3, Name: "terrestrial-satellite", Duration: d, Timeline: true, Paths: []lab.Path{path("terr", 50, 10*ms, 0), path("sat", 20, 300*ms, 0)}},
+		{ID: 3, Name: "terrestrial-satellite", Duration: d, Timeline: true, MptunAlone: []int{1}, Paths: []lab.Path{path("terr", 50, 10*ms, 0), path("sat", 20, 300*ms, 0)}},
 		{ID: 4, Name: "lossy", Duration: d, Paths: []lab.Path{path("a", 50, 10*ms, 0.01), path("b", 50, 10*ms, 0.01)}},
 		{ID: 5, Name: "failover", Duration: d * 3 / 2, Timeline: true, Paths: []lab.Path{fail, path("b", 50, 10*ms, 0)}},
 		{ID: 6, Name: "three-unequal", Duration: d, Paths: []lab.Path{path("a", 50, 10*ms, 0), path("b", 20, 20*ms, 0), path("c", 10, 30*ms, 0)}},

@@ -17,6 +17,7 @@ import (
 	"github.com/mptun/mptun/mptcpep/header"
 	"github.com/mptun/mptun/mptcpep/mpkey"
 	"github.com/mptun/mptun/netstack"
+	"github.com/mptun/mptun/netstack/cc"
 )
 
 // Conn is an MPTCP connection (the meta-socket). It implements net.Conn
@@ -27,6 +28,9 @@ type Conn struct {
 	e      *Endpoint
 	active bool
 	port   uint16 // the peer's port of the initial subflow (joins use it)
+	// ccGroup couples the subflows' congestion controllers (LIA);
+	// immutable, its own leaf lock.
+	ccGroup *cc.Group
 
 	// ctx is the connection's life, cancelled when it finishes (done is
 	// its Done channel): what the connection starts (joins) derives from it.
@@ -164,6 +168,7 @@ func newConn(e *Endpoint, active bool) *Conn {
 		cancel:      cancel,
 		done:        ctx.Done(),
 		reap:        make(chan struct{}),
+		ccGroup:     cc.NewGroup(),
 		kick:        make(chan struct{}, 1),
 		pmCh:        make(chan struct{}, 1),
 		notify:      make(chan struct{}),
@@ -339,6 +344,7 @@ func (c *Conn) subflowFailed(sf *subflow, err error) {
 	}
 	c.reinjectLocked(sf)
 	c.e.st.Mux.Unregister(sf.tuple)
+	sf.closeController()
 	c.actions = append(c.actions, func() { sf.ep.Close() })
 	live := 0
 	for _, s := range c.subflows {
@@ -406,6 +412,7 @@ func (c *Conn) resetSubflowLocked(sf *subflow, reason uint8, seg *netstack.Segme
 		ack++
 	}
 	c.e.st.Mux.Unregister(sf.tuple)
+	sf.closeController()
 	ep := sf.ep
 	c.actions = append(c.actions, func() {
 		_ = via.SendRaw(ipv6, t, seq, ack, rstAck, 0, opt)

@@ -233,6 +233,7 @@ func (c *Conn) removeAddrInLocked(ids []uint8) {
 				sf.err = errString("mptcp: peer removed the address")
 				c.reinjectLocked(sf)
 				c.e.st.Mux.Unregister(sf.tuple)
+				sf.closeController()
 				ep := sf.ep
 				if ep != nil {
 					c.actions = append(c.actions, func() { ep.Abort() })
@@ -269,6 +270,7 @@ func (c *Conn) RemoveLocal(id uint8) {
 			sf.err = errString("mptcp: local address removed")
 			c.reinjectLocked(sf)
 			c.e.st.Mux.Unregister(sf.tuple)
+			sf.closeController()
 			ep := sf.ep
 			if ep != nil {
 				c.actions = append(c.actions, func() { ep.Abort() })

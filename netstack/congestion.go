@@ -13,8 +13,8 @@ import (
 // endpoint's lock: both methods must return at once.
 type CongestionControlled interface {
 	// CongestionControl names the controller (cc.Names), "" for the
-	// stack's default, and where it counts its events.
-	CongestionControl() (string, cc.Events)
+	// stack's default, and what it shares (events, coupling group).
+	CongestionControl() (string, cc.Options)
 	// ControllerCreated hands over the controller, nil when gVisor's own
 	// (cubic, reno) runs.
 	ControllerCreated(r cc.Reporter)
@@ -25,17 +25,17 @@ type CongestionControlled interface {
 func (s *Stack) ccFactory(id stack.TransportEndpointID, st *tcp.TCPSenderState) tcp.CongestionControl {
 	name := s.opts.CongestionControl
 	var chooser CongestionControlled
-	var ev cc.Events
+	var o cc.Options
 	if e := s.Mux.lookup(tupleOf(id)); e != nil {
 		if c, ok := e.flow.(CongestionControlled); ok {
 			chooser = c
 			var n string
-			if n, ev = c.CongestionControl(); n != "" {
+			if n, o = c.CongestionControl(); n != "" {
 				name = n
 			}
 		}
 	}
-	ctl := cc.New(name, st, ev)
+	ctl := cc.New(name, st, o)
 	if chooser != nil {
 		var r cc.Reporter
 		if rep, ok := ctl.(cc.Reporter); ok {

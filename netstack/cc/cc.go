@@ -19,12 +19,13 @@ import (
 // Names of the controllers. "cubic" and "reno" are gVisor's own.
 const (
 	NameBBR   = "bbr"
+	NameLIA   = "lia"
 	NameCubic = "cubic"
 	NameReno  = "reno"
 )
 
 // Names lists every controller a stack or connection can select.
-func Names() []string { return []string{NameBBR, NameCubic, NameReno} }
+func Names() []string { return []string{NameBBR, NameLIA, NameCubic, NameReno} }
 
 // Valid reports an error naming the choices when name is not a controller.
 func Valid(name string) error {
@@ -36,18 +37,34 @@ func Valid(name string) error {
 	return fmt.Errorf("congestion control %q: want one of %s", name, strings.Join(Names(), ", "))
 }
 
+// Options are what a controller shares beyond its own sender.
+type Options struct {
+	// Events is where it counts its events besides its own report (an
+	// endpoint's MIB).
+	Events Events
+	// Group couples the subflows of one connection (LIA); nil: none.
+	Group *Group
+}
+
 // New returns the controller called name for a sender with state st, or nil
-// when gVisor's own controller of that name should run (cubic, reno). ev is
-// where it counts its events besides its own report (an endpoint's MIB).
-func New(name string, st *tcp.TCPSenderState, ev Events) tcp.CongestionControl {
+// when gVisor's own controller of that name should run (cubic, reno).
+func New(name string, st *tcp.TCPSenderState, o Options) tcp.CongestionControl {
 	switch name {
 	case NameBBR:
 		b := NewBBR(st)
-		b.ev = ev
+		b.ev = o.Events
 		return b
+	case NameLIA:
+		return NewLIA(st, o.Group, o.Events)
 	default:
 		return nil
 	}
+}
+
+// Closer is implemented by controllers that hold shared state (a Group):
+// the owner of the sender calls Close when the sender is gone.
+type Closer interface {
+	Close()
 }
 
 // Events are counters shared by many controllers (an endpoint's MIB); a nil
@@ -78,6 +95,7 @@ type Info struct {
 	RTOs        uint64  // retransmission timeouts
 	ProbeRTTs   uint64  // ProbeRTT phases entered
 	StartupExit uint64  // 1 once Startup found the pipe full
+	Alpha       float64 // LIA's coupling factor (RFC 6356), 0 for others
 }
 
 // Reporter is implemented by our controllers.

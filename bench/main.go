@@ -217,7 +217,7 @@ func selectScenarios(all []Scenario, spec string) ([]Scenario, error) {
 
 func commandLine() string {
 	var env []string
-	for _, k := range []string{"SCENARIO", "BENCH_DURATION"} {
+	for _, k := range []string{"SCENARIO", "BENCH_DURATION", "BENCH_CC"} {
 		if v := os.Getenv(k); v != "" {
 			env = append(env, k+"="+v)
 		}

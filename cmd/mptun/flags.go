@@ -54,7 +54,26 @@ func (c *commonFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.stats, "stats", false, "print statistics at the end")
 	fs.DurationVar(&c.every, "stats-every", 0, "print per-subflow rates, RTT and cwnd to stderr this often (0: never)")
 	fs.IntVar(&c.mtu, "mtu", 0, "TUN MTU (0: the uplink's)")
-	fs.StringVar(&c.cc, "cc", cc.NameBBR, "subflow congestion control: "+strings.Join(cc.Names(), ", "))
+	fs.StringVar(&c.cc, "cc", ccDefault(fs.Name()), "subflow congestion control: "+strings.Join(cc.Names(), ", "))
+}
+
+// ccDefault is the command's default congestion control, by bench figures
+// (bench/results, 2026-12-06):
+//   - connect, listen: bbr. Against kernel peers it matched or beat cubic
+//     in every scenario but the satellite upload (12.3 vs 16.9 Mbit/s):
+//     two equal paths 0.97 of the kernel, wifi-lte 0.93/0.92 (cubic
+//     0.88/0.80), lossy upload 0.97 (cubic 0.10).
+//   - client, server (the tunnel): cubic for now. Tunnel bbr wins lossy
+//     links (78/77 vs 17/22 Mbit/s) but loses heterogeneous ones (wifi-lte
+//     download 27 vs 46, three-unequal 52/61 vs 61/67, thousands of
+//     retransmissions); users with lossy uplinks set --cc bbr.
+func ccDefault(cmd string) string {
+	switch cmd {
+	case "client", "server":
+		return cc.NameCubic
+	default:
+		return cc.NameBBR
+	}
 }
 
 // cmdFlags is the preamble the engine commands share: a flag set with the

@@ -107,3 +107,9 @@ func withCC(s mptcpep.SubflowStats, c cc.Info) mptcpep.SubflowStats {
 	s.CC = c
 	return s
 }
+
+func TestCCDefault(t *testing.T) {
+	for cmd, want := range map[string]string{"connect": "bbr", "listen": "bbr", "client": "cubic", "server": "cubic"} {
+		require.Equal(t, want, ccDefault(cmd), cmd)
+	}
+}

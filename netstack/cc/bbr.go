@@ -226,23 +226,10 @@ func (b *BBR) OnSend(n int, at tcpip.MonotonicTime) {
 	b.sendHist = append(b.sendHist, sendPoint{at: at, sent: b.sent})
 }
 
-// sentAt is about when byte d of the stream was sent (the first send point
-// that had sent it); ok is false when the history does not reach back.
-func (b *BBR) sentAt(d int64) (tcpip.MonotonicTime, bool) {
-	i := sort.Search(len(b.sendHist), func(i int) bool { return b.sendHist[i].sent >= d })
-	if i == len(b.sendHist) {
-		return tcpip.MonotonicTime{}, false
-	}
-	return b.sendHist[i].at, true
-}
-
-// trimSendHist drops the send points no rate sample will ask for again:
-// those before the one that covers byte d.
-func (b *BBR) trimSendHist(d int64) {
-	i := sort.Search(len(b.sendHist), func(i int) bool { return b.sendHist[i].sent >= d })
-	if i > 0 {
-		b.sendHist = append(b.sendHist[:0], b.sendHist[i:]...)
-	}
+// sendIndex is the first send point that had sent byte d of the stream
+// (len(sendHist) when none has yet).
+func (b *BBR) sendIndex(d int64) int {
+	return sort.Search(len(b.sendHist), func(i int) bool { return b.sendHist[i].sent >= d })
 }
 
 // PacingRate implements tcp.Pacer.
@@ -320,12 +307,15 @@ func (b *BBR) sampleBandwidth(now tcpip.MonotonicTime) {
 	// into bursts whose ACK rate far exceeds the link (460 Mbit/s measured
 	// on a 100 Mbit/s linkpipe before this).
 	elapsed := now.Sub(p.at)
-	if from, ok := b.sentAt(p.delivered + 1); ok {
-		if to, ok := b.sentAt(b.delivered); ok && to.Sub(from) > elapsed {
-			elapsed = to.Sub(from)
-		}
+	from := b.sendIndex(p.delivered + 1)
+	if to := b.sendIndex(b.delivered); to < len(b.sendHist) && from < len(b.sendHist) {
+		elapsed = max(elapsed, b.sendHist[to].at.Sub(b.sendHist[from].at))
 	}
-	b.trimSendHist(p.delivered + 1)
+	// The points before the one that sent byte p.delivered+1: no later
+	// sample starts before it.
+	if from > 0 {
+		b.sendHist = append(b.sendHist[:0], b.sendHist[from:]...)
+	}
 	rate := float64(b.delivered-p.delivered) / elapsed.Seconds()
 	maxInflight := 0
 	for _, q := range b.hist {

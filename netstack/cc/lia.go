@@ -146,9 +146,11 @@ func (l *LIA) Update(packetsAcked int, rtt time.Duration, _ tcpip.MonotonicTime)
 		l.st.SndCwnd += n
 		packetsAcked -= n
 	}
+	shared := -1 // the window the group last heard of in this call
 	if packetsAcked > 0 {
 		cwnd := float64(l.st.SndCwnd) * mss
 		alpha, total := l.g.update(&l.m, cwnd, l.srtt)
+		shared = l.st.SndCwnd
 		l.alpha.Store(uint64(alpha * 1000))
 		acked := float64(packetsAcked) * mss
 		inc := acked * mss / cwnd
@@ -161,15 +163,27 @@ func (l *LIA) Update(packetsAcked int, rtt time.Duration, _ tcpip.MonotonicTime)
 			l.st.SndCwnd++
 		}
 	}
-	l.publish()
+	if l.st.SndCwnd != shared {
+		l.publish()
+	} else {
+		// Most ACKs in congestion avoidance grow no whole segment: the
+		// group already has this window; one lock per ACK, not two.
+		l.report()
+	}
 }
 
 // Close implements Closer: the subflow left its connection, its window no
 // longer counts in the others' increase.
 func (l *LIA) Close() { l.g.leave(&l.m) }
 
+// publish tells the group and Info the window and RTT.
 func (l *LIA) publish() {
 	l.g.update(&l.m, float64(l.st.SndCwnd*l.mss()), l.srtt)
+	l.report()
+}
+
+// report tells Info; gVisor's endpoint lock is held, readers are not.
+func (l *LIA) report() {
 	l.r.cwnd.Store(int64(l.st.SndCwnd))
 	l.slow.Store(l.st.SndCwnd < l.st.Ssthresh)
 	if l.srtt > 0 {
